@@ -1,0 +1,266 @@
+"""Run a recipe's stages in order: run folder, pretraining cache, stage checkpoints, resume, verification.
+
+Every stage leaves a checkpoint (weights, masks, records) stamped with a
+fingerprint of the recipe up to that stage; ``--resume`` skips a stage whose
+checkpoint matches. After an encode stage the written FILE is decoded into a
+fresh model and evaluated: that is the accuracy the report gives.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import compress
+from compress import data as data_mod
+from compress import modelfile, models, report, train
+from compress.errors import InputError, RecipeError
+from compress.record import Affine, Codebook, TensorRecord
+from compress.recipe import Device, Recipe, Stage, to_toml
+from compress.stages import Context, State
+
+ARTIFACTS = Path("artifacts")
+
+
+@dataclass
+class Result:
+    run_dir: Path
+    report: dict
+
+
+def run(recipe: Recipe, *, out: Path | None = None, resume: bool = False,
+        overrides: tuple[str, ...] = ()) -> Result:
+    """Run ``recipe`` and write its run folder.
+
+    Raises:
+        CompressError: bad input (recipe, files); the CLI reports it in one line.
+    """
+    run_dir = Path(out) if out is not None else ARTIFACTS / recipe.run.name
+    setup_torch(recipe)
+    device = pick_device(recipe.run.device)
+    # everything that can be checked is checked before the run folder exists: bad input leaves nothing behind
+    datasets = data_mod.load(recipe.data, seed=recipe.run.seed) if recipe.data else None
+    model = build_model(recipe, datasets)
+    validate(recipe, model)
+    try:
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"output folder {run_dir}: cannot create ({e.strerror})") from None
+    log = setup_logging(run_dir)
+    ctx = Context(data=datasets, device=device, seed=recipe.run.seed, run_dir=run_dir, log=log,
+                  pretrain=recipe.pretrain, recipe=recipe)
+    report.write_atomic(run_dir / "recipe.toml", to_toml(recipe.source))
+    report.write_atomic(run_dir / "versions.json", json.dumps(versions(recipe, overrides), indent=2))
+    log.info("run %s on %s -> %s", recipe.run.name, device, run_dir)
+
+    state = State()
+    stages: list[dict] = []
+    t0 = time.perf_counter()
+    baseline = pretrain(model, recipe, ctx)
+    stages.append(baseline)
+    fingerprint = baseline["fingerprint"]
+    snapshot: dict[str, torch.Tensor] = {}
+    for i, stage in enumerate(recipe.stages):
+        fingerprint = digest(fingerprint, stage.name, recipe.source["stages"][stage.name])
+        path = run_dir / "stages" / f"{i + 1:02d}-{stage.name}.pt"
+        if stage.name == "quantize":
+            snapshot = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        loaded = load_stage(path, fingerprint, model, state) if resume else None
+        if loaded is not None:
+            log.info("stage %s: resumed from %s", stage.name, path)
+            entry = loaded
+            entry["resumed"] = True
+        else:
+            entry = run_stage(stage, model, state, ctx)
+            save_stage(path, fingerprint, model, state, entry)
+        if state.file is not None and stage.name == "encode":
+            entry["verify"] = verify(state.file, model, recipe, datasets, state, ctx)
+        stages.append(entry)
+    total = time.perf_counter() - t0
+    result = report.build(recipe, model, state, stages, snapshot, total_seconds=total)
+    report.write(run_dir, result, model, snapshot, state)
+    log.info("done in %.1f s; report: %s", total, run_dir / "report.md")
+    return Result(run_dir, result)
+
+
+def validate(recipe: Recipe, model: nn.Module) -> None:
+    """Resolve every stage's tensor selection against the model (patterns that match nothing fail here)."""
+    for stage in recipe.stages:
+        select = getattr(stage.config, "select", None)
+        if select is not None:
+            try:
+                select(model)
+            except RecipeError as e:
+                raise RecipeError(f"stages.{stage.name}.{e.key}", e.message) from None
+
+
+def run_stage(stage: Stage, model: nn.Module, state: State, ctx: Context) -> dict:
+    ctx.log.info("stage %s (%s) ...", stage.name, stage.spec.method)
+    t0 = time.perf_counter()
+    figures = stage.spec.run(model, state, stage.config, ctx) or {}
+    seconds = time.perf_counter() - t0
+    entry = {"stage": stage.name, "method": stage.spec.method, "seconds": seconds, "figures": figures}
+    if ctx.data is not None and stage.spec.changes_weights:
+        entry["accuracy"] = train.evaluate(model, ctx.data, device=ctx.device)
+    ctx.log.info("stage %s: %.1f s%s", stage.name, seconds,
+                 f", accuracy {entry['accuracy']:.2f}%" if "accuracy" in entry else "")
+    return entry
+
+
+def pretrain(model: nn.Module, recipe: Recipe, ctx: Context) -> dict:
+    """Train the baseline unless a checkpoint was given; cache it in the run folder."""
+    fingerprint = digest("v1", recipe.source.get("model"), recipe.source.get("data"),
+                         recipe.source.get("pretrain"), recipe.run.seed)
+    cache = ctx.run_dir / "pretrain.pt"
+    entry: dict = {"stage": "baseline", "method": "checkpoint" if recipe.model.checkpoint else "pretrain",
+                   "fingerprint": fingerprint}
+    t0 = time.perf_counter()
+    if recipe.model.checkpoint or ctx.data is None or recipe.pretrain.epochs == 0:
+        entry["method"] = "checkpoint" if recipe.model.checkpoint else "as built"
+    elif load_stage(cache, fingerprint, model, State()) is not None:
+        ctx.log.info("pretrain: cached baseline %s", cache)
+        entry["resumed"] = True
+    else:
+        ctx.log.info("pretrain: %d epochs", recipe.pretrain.epochs)
+        train.fit(model, ctx.data, recipe.pretrain, device=ctx.device, seed=ctx.seed,
+                  batch_size=recipe.data.batch_size, desc="pretrain", rank=ctx.rank, world_size=ctx.world_size)
+        save_stage(cache, fingerprint, model, State(), {"stage": "baseline"})
+    entry["seconds"] = time.perf_counter() - t0
+    if ctx.data is not None:
+        entry["accuracy"] = train.evaluate(model, ctx.data, device=ctx.device)
+        ctx.log.info("baseline accuracy %.2f%%", entry["accuracy"])
+    return entry
+
+
+def verify(path: Path, model: nn.Module, recipe: Recipe, datasets, state: State, ctx: Context) -> dict:
+    """Decode the written file into a fresh model; check it is bit-exact and evaluate it."""
+    fresh = models.build(recipe.model, *shape_of(datasets, recipe))
+    modelfile.load_into(fresh, path)
+    decoded = fresh.state_dict()
+    bad = modelfile.differing(model.state_dict(), decoded, state.records)
+    if bad:
+        raise RuntimeError(f"decoded tensor {bad[0]!r} differs from the evaluated weights")
+    out = {"bit_exact": True, "file_bytes": path.stat().st_size}
+    if datasets is not None:
+        out["accuracy"] = train.evaluate(fresh, datasets, device=ctx.device)
+        ctx.log.info("decoded %s: accuracy %.2f%%", path.name, out["accuracy"])
+    return out
+
+
+def build_model(recipe: Recipe, datasets) -> nn.Module:
+    torch.manual_seed(recipe.run.seed)
+    return models.build(recipe.model, *shape_of(datasets, recipe))
+
+
+def shape_of(datasets, recipe: Recipe) -> tuple[tuple[int, int, int], int]:
+    """(input shape, classes): from the data, or torchvision's ImageNet defaults for a data-free recipe."""
+    if datasets is not None:
+        return datasets.input_shape, datasets.num_classes
+    return ((3, 224, 224), 1000) if recipe.model.name.startswith("torchvision:") else ((1, 28, 28), 10)
+
+
+# --- stage checkpoints -------------------------------------------------------------------------------
+
+
+def save_stage(path: Path, fingerprint: str, model: nn.Module, state: State, entry: dict) -> None:
+    """Weights, masks and records of a stage, written atomically; plain tensors only (weights_only loads)."""
+    obj = {"fingerprint": fingerprint, "model": model.state_dict(),
+           "masks": dict(state.masks), "records": {n: record_to_dict(r) for n, r in state.records.items()},
+           "folded_bn": state.folded_bn, "file": str(state.file) if state.file else "",
+           "entry": json.dumps(entry, default=report.jsonable)}
+    models.save_checkpoint(obj, path)
+
+
+def load_stage(path: Path, fingerprint: str, model: nn.Module, state: State) -> dict | None:
+    """Restore a stage checkpoint into ``model`` and ``state``; None when absent, damaged or stale."""
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged checkpoint is simply redone
+        return None
+    if not isinstance(obj, dict) or obj.get("fingerprint") != fingerprint:
+        return None
+    if obj.get("folded_bn") and not state.folded_bn:
+        from compress.fold import fold_batchnorm
+
+        fold_batchnorm(model)
+    model.load_state_dict(obj["model"])
+    state.masks = dict(obj["masks"])
+    state.records = {n: record_from_dict(d) for n, d in obj["records"].items()}
+    state.folded_bn = bool(obj["folded_bn"])
+    state.file = Path(obj["file"]) if obj["file"] else None
+    if state.file is not None and not state.file.exists():
+        return None
+    return json.loads(obj["entry"])
+
+
+def record_to_dict(r: TensorRecord) -> dict:
+    d = {"shape": list(r.shape), "positions": torch.from_numpy(r.positions), "codes": torch.from_numpy(r.codes)}
+    if isinstance(r.table, Codebook):
+        d["codebook"] = torch.from_numpy(r.table.values)
+    else:
+        d.update(scale=torch.from_numpy(r.table.scale), zero_point=torch.from_numpy(r.table.zero_point),
+                 levels=r.table.levels, per_channel=r.table.per_channel)
+    return d
+
+
+def record_from_dict(d: dict) -> TensorRecord:
+    if "codebook" in d:
+        table = Codebook(d["codebook"].numpy())
+    else:
+        table = Affine(d["scale"].numpy(), d["zero_point"].numpy(), int(d["levels"]), bool(d["per_channel"]))
+    return TensorRecord(tuple(d["shape"]), d["positions"].numpy(), d["codes"].numpy(), table)
+
+
+# --- surroundings -------------------------------------------------------------------------------------
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pick_device(device: Device) -> torch.device:
+    if device is Device.CUDA and not torch.cuda.is_available():
+        raise InputError("run.device: \"cuda\" asked for but no CUDA device is available; use \"auto\" or \"cpu\"")
+    if device is Device.CPU or (device is Device.AUTO and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def setup_torch(recipe: Recipe) -> None:
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    torch.manual_seed(recipe.run.seed)
+    np.random.seed(recipe.run.seed)
+
+
+def setup_logging(run_dir: Path) -> logging.Logger:
+    log = logging.getLogger("compress")
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    file = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(file)
+    log.addHandler(console)
+    log.propagate = False
+    return log
+
+
+def versions(recipe: Recipe, overrides: tuple[str, ...]) -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "compress": compress.__version__, "seed": recipe.run.seed, "overrides": list(overrides),
+            "recipe": str(recipe.path) if recipe.path else None, "threads": torch.get_num_threads()}
