@@ -83,6 +83,8 @@ def plan(loaded) -> str:
             settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                         if f.name not in ("include", "exclude", "layers")
                         and not dataclasses.is_dataclass(getattr(cfg, f.name)) and getattr(cfg, f.name) is not None}
+            if hasattr(cfg, "bits_for"):  # show what an unset bits resolves to (8 for conv, 5 for fc)
+                settings["bits"] = cfg.bits_for(model, name)
             shown = ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in settings.items())
             lines.append(f"  {name:<40} {'x'.join(map(str, shapes[name])):<16} {shown}")
     return "\n".join(lines)

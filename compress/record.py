@@ -97,7 +97,7 @@ class TensorRecord:
         """The float32 value of every kept weight, in position order."""
         channels = None
         if isinstance(self.table, Affine) and self.table.per_channel:
-            per_row = self.numel // self.shape[0]
+            per_row = self.numel // self.shape[0] if self.shape and self.shape[0] else 1
             channels = self.positions // per_row
         return self.table.lookup(self.codes, channels)
 

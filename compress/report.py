@@ -276,8 +276,8 @@ def stages_plot(result: dict, path: Path) -> None:
 def weights_plot(name: str, before: torch.Tensor, after: torch.Tensor, path: Path) -> None:
     """The paper's Fig. 3/5: distribution of a layer's kept weights before sharing, and the shared values."""
     plt = pyplot()
-    b = before.flatten().numpy()
-    a = after.flatten().numpy()
+    b = before.detach().cpu().flatten().numpy()
+    a = after.detach().cpu().flatten().numpy()
     b, a = b[b != 0], a[a != 0]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
     top.hist(b, bins=200, color="#4c72b0")

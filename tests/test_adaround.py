@@ -236,3 +236,19 @@ def test_adaround_config_validates_its_fields():
                 dict(reg_weight=-1.0), dict(granularity="layer"), dict(beta_end=0.5, beta_start=0.5)):
         with pytest.raises(RecipeError):
             AdaRoundConfig(**bad)
+
+
+def test_adaround_file_decodes_into_a_fresh_folded_model_with_the_same_outputs(tmp_path):
+    from compress import modelfile
+
+    torch.manual_seed(0)
+    model = trained_bn(ConvNet())
+    state = State()
+    run(model, state, AdaRoundConfig(iterations=20, batch_size=8, calibration_samples=32), context(tmp_path, data()))
+    path = tmp_path / "model.dcz"
+    modelfile.save(path, model.state_dict(), state.records, metadata={modelfile.FOLDED_BN: "1"})
+    fresh = modelfile.load_into(ConvNet().eval(), path)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(fresh(x), model(x))
+    for name in state.records:
+        assert torch.equal(fresh.get_parameter(name), model.get_parameter(name))

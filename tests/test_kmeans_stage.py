@@ -66,3 +66,10 @@ def test_centroid_gradient_is_the_sum_of_its_cluster_gradients():
     # centroid 0: positions (0,0) and (1,1) but (1,1) is pruned -> 1; centroid 1: 2+3+6; centroid 2: 4
     assert shared.codebook.grad.tolist() == [1.0, 11.0, 4.0]
     assert w[1, 1].item() == 0.0
+
+
+def test_record_per_channel_with_empty_first_dimension_decodes_to_empty():
+    from compress.record import Affine, TensorRecord
+
+    r = TensorRecord((0, 3), np.zeros(0), np.zeros(0), Affine(np.zeros(0), np.zeros(0), 16, per_channel=True))
+    assert r.to_dense().shape == (0, 3)

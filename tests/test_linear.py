@@ -165,3 +165,14 @@ def test_linear_config_validates_its_fields():
 def test_linear_is_registered_as_a_quantize_method():
     spec = REGISTRY["quantize"]["linear"]
     assert spec.config is LinearConfig and not spec.needs_data
+
+
+def test_linear_records_survive_the_model_file_bit_for_bit(tmp_path):
+    from compress import modelfile
+
+    model, state = pruned(seed=4)
+    run(model, state, LinearConfig(bits=5, symmetric=False, granularity=Granularity.CHANNEL), context(tmp_path))
+    path = tmp_path / "model.dcz"
+    modelfile.save(path, model.state_dict(), state.records)
+    decoded = modelfile.decode(path)
+    assert modelfile.differing(model.state_dict(), decoded, list(state.records)) == []

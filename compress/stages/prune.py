@@ -86,7 +86,7 @@ def round_targets(cfg: PruneConfig, r: int) -> tuple[float | None, float | None]
 def compute_masks(model: nn.Module, chosen: dict[str, PruneConfig], scope: Scope, r: int,
                   std: dict[str, float], old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The masks of round ``r``: per tensor, or from one global threshold."""
-    weights = {name: get_param(model, name).detach() for name in chosen}
+    weights = {name: get_param(model, name).detach().cpu() for name in chosen}  # masks live on the CPU
     if scope is Scope.GLOBAL:
         sparsity, _ = round_targets(next(iter(chosen.values())), r)
         flat = torch.cat([w.flatten() for w in weights.values()])
@@ -166,7 +166,7 @@ def sensitivity(model: nn.Module, state: State, cfg: SensitivityConfig, ctx: Con
     table: dict[str, dict[str, float]] = {}
     for name in cfg.select(model):
         w = get_param(model, name)
-        saved = w.detach().clone()
+        saved = w.detach().cpu().clone()
         table[name] = {}
         for s in cfg.sparsities:
             with torch.no_grad():
