@@ -17,13 +17,7 @@ from compress.stages.adaround import (
 from compress.stages.base import Context, REGISTRY
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny layers gain nothing from threads, and lose a lot when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def correlated_layer(seed: int = 0, n: int = 256, fin: int = 16, fout: int = 8):

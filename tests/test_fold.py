@@ -6,13 +6,7 @@ from torch import nn
 from compress.fold import fold_batchnorm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose a lot when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
