@@ -25,7 +25,7 @@ from torch import nn
 from compress.errors import CompressError, FormatError, InputError, RecipeError
 from compress.record import Affine, Codebook, TensorRecord
 
-__all__ = ["prune", "share", "quantize", "encode", "decode", "load", "TensorRecord", "Codebook", "Affine",
+__all__ = ["prune", "share", "quantize", "encode", "decode", "load", "build", "TensorRecord", "Codebook", "Affine",
            "CompressError", "FormatError", "InputError", "RecipeError"]
 
 
@@ -139,6 +139,24 @@ def decode(path: str | Path) -> dict[str, torch.Tensor]:
     from compress import modelfile
 
     return modelfile.decode(path)
+
+
+def build(recipe: str | Path, overrides: Sequence[str] = ()) -> nn.Module:
+    """The model a recipe names, built the way the pipeline builds it (its input shape and
+    classes from the recipe's data); pair it with ``load``::
+
+        model = compress.load("artifacts/lenet5_fashion/model.dcz", compress.build("recipes/lenet5_fashion.toml"))
+
+    Raises:
+        RecipeError, InputError: a bad recipe, or its data or checkpoint missing.
+    """
+    from compress import data as data_mod
+    from compress import pipeline
+    from compress import recipe as recipe_mod
+
+    loaded = recipe_mod.load(recipe, overrides)
+    datasets = data_mod.load(loaded.data, seed=loaded.run.seed) if loaded.data else None
+    return pipeline.build_model(loaded, datasets)
 
 
 def load(path: str | Path, model: nn.Module) -> nn.Module:

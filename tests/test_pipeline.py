@@ -104,3 +104,11 @@ def test_embedded_default_recipe_is_the_quickstart():
 
     embedded = Path(compress.__file__).parent / "quickstart.toml"
     assert embedded.read_text() == RECIPE.read_text()
+
+
+def test_api_build_from_recipe_then_load_the_file(quickstart):
+    import compress
+
+    model = compress.load(quickstart / "model.dcz", compress.build(RECIPE))
+    for name, tensor in decode(quickstart / "model.dcz").items():
+        assert torch.equal(model.state_dict()[name], tensor)
