@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from compress import recipe
@@ -81,3 +83,9 @@ def test_data_free_recipe_rejects_stages_that_need_data(tmp_path):
     text = "[model]\nname = \"mlp\"\n[stages.sensitivity]\n"
     with pytest.raises(RecipeError, match="needs a dataset"):
         recipe.load(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    r = recipe.load(path)
+    assert r.stages and r.run.name == path.stem  # the run folder is named after the recipe
