@@ -85,3 +85,26 @@ def test_lenet300_fashion_recipe_runs_end_to_end_on_real_data(tmp_path):
     assert r["baseline_accuracy"] > 80 and r["final_accuracy"] > 75 and r["bit_exact"]
     assert r["ratio"] > 30
     assert r["file_bytes"] == (out / "model.dcz").stat().st_size
+
+
+@pytest.mark.parametrize("method", ["adaround", "nearest"])
+def test_resnet20_folded_batchnorm_survives_the_file(tmp_path, method):
+    """BN folded before quantizing: the decoder must fold a fresh ResNet-20 the same way to load the file."""
+    out = tmp_path / method
+    args = [str(ROOT / f"recipes/resnet20_{method}_fashion.toml"), "--out", str(out), "--set", "data.name=digits",
+            "--set", "pretrain.epochs=1", "--set", "run.threads=1"]
+    if method == "adaround":
+        args += ["--set", "stages.quantize.iterations=20", "--set", "stages.quantize.calibration_samples=64"]
+    assert run_cli.main(args) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["bit_exact"] is True
+    assert r["final_accuracy"] == pytest.approx(r["stages"][-1]["accuracy"])  # fresh folded model == evaluated one
+    state = torch.load(out / "stages" / "02-encode.pt", weights_only=True)
+    assert state["folded_bn"] is True
+    assert not any("bn" in name for name in compress_decode(out / "model.dcz"))
+
+
+def compress_decode(path):
+    from compress import modelfile
+
+    return modelfile.decode(path)

@@ -19,6 +19,7 @@ from torch import nn
 from compress import masks as masks_mod
 from compress import quant, train
 from compress.errors import RecipeError, check
+from compress.fold import fold_batchnorm, has_batchnorm
 from compress.quant import Granularity, Grid, ScaleMethod
 from compress.stages.base import Context, Selection, State, get_param, register
 from compress.train import Optimizer, TrainConfig
@@ -41,6 +42,8 @@ class LinearConfig(Selection):
         finetune: quantization-aware training with a straight-through estimator on the fixed
             grid, masks held (``epochs = 0``, the default, skips it). Adam with a small rate:
             the weights only need to move within a grid step or two.
+        fold_bn: fold BatchNorm into the preceding convs first (as AdaRound does), so both
+            methods quantize the same weights on the same grid; the file then holds folded weights.
     """
 
     bits: int = 8
@@ -51,6 +54,7 @@ class LinearConfig(Selection):
     percentile: float = 99.99
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=0, lr=1e-4, optimizer=Optimizer.ADAM, weight_decay=0.0))
+    fold_bn: bool = False
 
     def __post_init__(self):
         check(isinstance(self.bits, int) and 2 <= self.bits <= 16, "bits", f"must be in [2, 16], got {self.bits}")
@@ -112,6 +116,8 @@ def run(model: nn.Module, state: State, cfg: LinearConfig, ctx: Context) -> dict
     Raises:
         RecipeError: ``finetune.epochs > 0`` on a recipe without data.
     """
+    if cfg.fold_bn and has_batchnorm(model) and fold_batchnorm(model):
+        state.folded_bn = True
     chosen = cfg.select(model)
     grids: dict[str, Grid] = {}
     for name, tcfg in chosen.items():
