@@ -52,6 +52,15 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
+def fold_for_quantization(model: nn.Module, state) -> list[str]:
+    """Fold BatchNorm before a quantize stage and record it in the stage ``state``, so the file
+    says so and the decoder folds a fresh model the same way. Returns the folded names."""
+    folded = fold_batchnorm(model) if has_batchnorm(model) else []
+    if folded:
+        state.folded_bn = True
+    return folded
+
+
 def foldable(layer: nn.Module, bn: nn.Module) -> bool:
     """Whether ``bn`` can be folded into ``layer`` (kinds match, widths match, running statistics kept)."""
     if not isinstance(bn, _BatchNorm) or not bn.track_running_stats or bn.running_mean is None:

@@ -49,7 +49,7 @@ from compress import data as data_mod
 from compress import masks as masks_mod
 from compress import quant
 from compress.errors import RecipeError, check
-from compress.fold import fold_batchnorm, has_batchnorm
+from compress.fold import fold_for_quantization
 from compress.quant import Granularity, ScaleMethod
 from compress.stages.base import Context, Selection, State, register
 from compress.stages.linear import as_enum, kept
@@ -513,12 +513,9 @@ def run(model: nn.Module, state: State, cfg: AdaRoundConfig, ctx: Context) -> di
     """
     if ctx.data is None:
         raise RecipeError("stages.quantize", "adaround needs calibration data; add [data]")
-    folded: list[str] = []
-    if cfg.fold_bn and has_batchnorm(model):
-        folded = fold_batchnorm(model)
-        if folded:
-            state.folded_bn = True
-            ctx.log.info("adaround: folded %d BatchNorm layers", len(folded))
+    folded = fold_for_quantization(model, state) if cfg.fold_bn else []
+    if folded:
+        ctx.log.info("adaround: folded %d BatchNorm layers", len(folded))
     masks_mod.apply_masks(model, state.masks)  # the float reference below must have its pruned weights at zero too
     chosen = cfg.select(model)
     model.to(ctx.device)

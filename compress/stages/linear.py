@@ -19,7 +19,7 @@ from torch import nn
 from compress import masks as masks_mod
 from compress import quant, train
 from compress.errors import RecipeError, check
-from compress.fold import fold_batchnorm, has_batchnorm
+from compress.fold import fold_for_quantization
 from compress.quant import Granularity, Grid, ScaleMethod
 from compress.stages.base import Context, Selection, State, get_param, register
 from compress.train import Optimizer, TrainConfig
@@ -116,8 +116,8 @@ def run(model: nn.Module, state: State, cfg: LinearConfig, ctx: Context) -> dict
     Raises:
         RecipeError: ``finetune.epochs > 0`` on a recipe without data.
     """
-    if cfg.fold_bn and has_batchnorm(model) and fold_batchnorm(model):
-        state.folded_bn = True
+    if cfg.fold_bn:
+        fold_for_quantization(model, state)
     chosen = cfg.select(model)
     grids: dict[str, Grid] = {}
     for name, tcfg in chosen.items():
