@@ -43,7 +43,6 @@ class DataConfig:
             ``imagefolder``: a folder with ``train/`` and ``test/`` (or ``val/``) subfolders.
         batch_size: the global training batch (split across ranks when distributed).
         eval_batch_size: batch for evaluation; only memory, not results, depends on it.
-        calibration_samples: unlabelled training inputs for AdaRound (the paper uses 1024).
         image_size: crop size for ``imagefolder`` (224 as for ImageNet models).
     """
 
@@ -51,7 +50,6 @@ class DataConfig:
     path: str | None = None
     batch_size: int = 128
     eval_batch_size: int = 1000
-    calibration_samples: int = 1024
     image_size: int = 224
 
     def __post_init__(self):
@@ -60,8 +58,6 @@ class DataConfig:
               'required for name = "imagefolder": a folder with train/ and test/ (or val/) subfolders')
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         check(self.eval_batch_size > 0, "eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
-        check(self.calibration_samples > 0, "calibration_samples",
-              f"must be > 0, got {self.calibration_samples}")
         check(8 <= self.image_size <= 4096, "image_size", f"must be in [8, 4096], got {self.image_size}")
 
 

@@ -191,7 +191,7 @@ def build_layers(cls: type, table: Any, key: str) -> dict[str, dict]:
     return layers
 
 
-NOT_PER_TENSOR = {"include", "exclude", "layers", "scope", "finetune", "retrain", "rounds"}
+NOT_PER_TENSOR = {"include", "exclude", "layers", "scope", "finetune", "retrain", "rounds", "seed"}
 
 
 def convert(value: Any, hint: Any, key: str) -> Any:

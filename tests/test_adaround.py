@@ -219,6 +219,19 @@ def test_adaround_stage_folds_bn_and_writes_records_that_decode_to_the_model(tmp
     assert np.array_equal(state.records["conv2.weight"].positions, np.flatnonzero(mask.numpy().reshape(-1)))
 
 
+def test_adaround_stage_seed_defaults_to_the_run_seed_and_changes_the_calibration_draw(tmp_path):
+    def quantized(seed):
+        torch.manual_seed(0)
+        model, state = trained_bn(ConvNet()), State()
+        figures = run(model, state, AdaRoundConfig(iterations=10, batch_size=8, calibration_samples=32, seed=seed),
+                      context(tmp_path, data()))
+        return {n: r.codes for n, r in state.records.items()}, figures["layers"]["conv1.weight"]["mse_nearest"]
+
+    unset, explicit, other = quantized(None), quantized(0), quantized(5)  # the context's run seed is 0
+    assert unset[1] == explicit[1] and all(np.array_equal(unset[0][n], explicit[0][n]) for n in unset[0])
+    assert other[1] != unset[1]  # other calibration samples: another error for the same nearest rounding
+
+
 def test_adaround_stage_needs_data(tmp_path):
     assert REGISTRY["quantize"]["adaround"].needs_data
     with pytest.raises(RecipeError):
@@ -227,7 +240,7 @@ def test_adaround_stage_needs_data(tmp_path):
 
 def test_adaround_config_validates_its_fields():
     for bad in (dict(bits=1), dict(iterations=0), dict(warm_start=1.0), dict(beta_start=1.5),
-                dict(reg_weight=-1.0), dict(granularity="layer"), dict(beta_end=0.5, beta_start=0.5)):
+                dict(reg_weight=-1.0), dict(granularity="layer"), dict(beta_end=0.5, beta_start=0.5), dict(seed=-1)):
         with pytest.raises(RecipeError):
             AdaRoundConfig(**bad)
 

@@ -22,7 +22,7 @@ HAS_FASHION = data.has_fashion_mnist(Path(FASHION_DIR))
 # ---------------------------------------------------------------------------- config
 
 @pytest.mark.parametrize("field, value", [("batch_size", 0), ("eval_batch_size", -1),
-                                          ("calibration_samples", 0), ("image_size", 4)])
+                                          ("image_size", 4)])
 def test_dataconfig_rejects_out_of_range_values(field, value):
     with pytest.raises(RecipeError) as info:
         DataConfig(**{field: value})
