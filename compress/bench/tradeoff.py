@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,8 @@ class Sweep:
         bits: k-means bit widths of the pruning + quantization points.
         quant_bits: k-means bit widths of the quantization-only points.
         share_epochs: centroid fine-tuning epochs of every sharing point (the recipes use 3-4).
+        share_from: pruning + quantization points from path step ``ceil(share_from * rounds)`` on
+            (the denser early steps only make larger files at no gain in accuracy).
         prune_epochs: retraining epochs after each pruning step; None keeps the recipe's.
     """
 
@@ -65,12 +67,13 @@ class Sweep:
     bits: tuple[int, ...]
     quant_bits: tuple[int, ...]
     share_epochs: int
+    share_from: float = 0.0
     prune_epochs: int | None = None
 
 
 SWEEPS = {
     Size.TINY: Sweep(beyond=1, bits=(2, 4), quant_bits=(2, 4), share_epochs=1, prune_epochs=1),
-    Size.FULL: Sweep(beyond=2, bits=(2, 3, 4, 5, 6), quant_bits=(2, 3, 4, 5, 6, 8), share_epochs=1),
+    Size.FULL: Sweep(beyond=2, bits=(2, 3, 4, 5), quant_bits=(2, 3, 4, 5, 6, 8), share_epochs=1, share_from=0.5),
 }
 
 
@@ -154,8 +157,9 @@ class Sweeper:
             state, masks, fingerprint, epochs = self.prune_step(step, state, masks, fingerprint, epochs)
             where = {"step": step, "prune_epochs": epochs}
             points.append(self.pruned(state, masks, where, fingerprint))
-            for bits in self.sweep.bits:
-                points += self.shared(state, masks, bits, BOTH, where, fingerprint)
+            if step >= math.ceil(self.sweep.share_from * self.rounds):
+                for bits in self.sweep.bits:
+                    points += self.shared(state, masks, bits, BOTH, where, fingerprint)
         return points
 
     # --- the pruning path

@@ -1,8 +1,6 @@
 """The trade-off sweep at the tiny size: points are files, ratios their sizes, the best point the table's."""
-import os
-from pathlib import Path
+import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -42,7 +40,8 @@ def test_tradeoff_sweep_covers_every_family_step_and_bit_width(done):
         families = [p["family"] for p in f["points"]]
         assert families.count(tradeoff.QUANTIZATION) == 2 * len(sweep.quant_bits)
         assert families.count(tradeoff.PRUNING) == steps
-        assert families.count(tradeoff.BOTH) == 2 * steps * len(sweep.bits)
+        shared_steps = [s for s in range(1, steps + 1) if s >= math.ceil(sweep.share_from * f["rounds"])]
+        assert families.count(tradeoff.BOTH) == 2 * len(shared_steps) * len(sweep.bits)
         pruned = sorted((p for p in f["points"] if p["family"] == tradeoff.PRUNING), key=lambda p: p["step"])
         kept = [p["kept_pct"] for p in pruned]
         assert kept == sorted(kept, reverse=True) and kept[-1] < kept[0]
