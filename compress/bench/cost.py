@@ -52,6 +52,8 @@ def cost(size: Size, out: Path) -> Result:
         "- 'whole process': the `python -m compress.run` process from start to exit (interpreter start-up, imports, "
         "data loading, evaluation after each stage, reports and plots included), and its peak RSS (wait4).",
         "- verify: decoding the written file into a fresh model, checking it bit for bit, and evaluating it.",
+        f"- load average: the machine's 1-minute load before → after each run, out of {os.cpu_count()} cores; "
+        "above that, other processes shared the cores and the seconds are inflated accordingly.",
     ]
     return result
 
@@ -140,7 +142,9 @@ def stage_table(figures: dict) -> str:
             rows.append([label, f"{stage} ({s['method']})" if s.get("method") else stage, f"{s['seconds']:.2f}",
                          mb(s["peak_rss_bytes"]), mb(s["rss_start_bytes"])])
             label = ""
-        rows.append(["", "**whole process**", f"**{f['wall_seconds']:.2f}**", mb(f["max_rss_bytes"]), ""])
+        load = ", ".join(f"{r['load_before']:.1f}→{r['load_after']:.1f}" for r in f["runs"])
+        rows.append(["", f"**whole process** (load average {load})", f"**{f['wall_seconds']:.2f}**",
+                     mb(f["max_rss_bytes"]), ""])
     return bench.table(header, rows)
 
 

@@ -51,6 +51,9 @@ def paper(size: Size, out: Path) -> Result:
         figures = measure(model, recipe, run.run_dir, run.report, out)
         result.figures[model] = figures
         title = f"{_recipes.NAMES[model]} ({figures['data']})"
+        reused = ", ".join(figures["resumed"]) or "none"
+        result.notes.append(f"- {_recipes.NAMES[model]}: run folder `{run.run_dir}`; stages reused from an earlier "
+                            f"run there (resumed, then the file re-verified): {reused}.")
         result.tables += [(f"{title}: per layer (Table {2 if model == 'lenet300' else 3} layout)", layer_table(figures)),
                           (f"{title}: model", model_table([figures]))]
     result.notes += [

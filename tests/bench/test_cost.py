@@ -34,7 +34,7 @@ def test_cost_times_and_measures_every_stage_of_a_fresh_run(done):
     assert report["stages"][0]["method"] == "pretrain"
     assert run["file_bytes"] == (run_dir / "model.dcz").stat().st_size
     md = (out / "result.md").read_text()
-    assert "| quick-start (MLP on digits) (1 run" in md and "**whole process**" in md
+    assert "| quick-start (MLP on digits) (1 run" in md and "**whole process** (load average" in md
 
 
 def test_cost_command_runs_the_shipped_recipe_shortened_on_digits(tmp_path):
