@@ -30,6 +30,7 @@ from torch import nn
 from compress import bench, data as data_mod, modelfile, pipeline, train
 from compress.bench import Result, Size, _recipes
 from compress.codec import container
+from compress.models import numel
 from compress.stages.encode import EncodeConfig
 
 # Han, Mao & Dally (ICLR 2016) on MNIST, Tables 2 and 3: weights kept per layer, and the model-level figures.
@@ -140,13 +141,6 @@ def total(layers: list[dict]) -> dict:
     row = {k: sum(r[k] for r in layers) for k in keys}
     row["kept_pct"] = 100 * row["kept"] / max(row["weights"], 1)
     return row
-
-
-def numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def rate(nbytes: int, dense: int) -> str:

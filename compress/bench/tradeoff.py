@@ -39,7 +39,7 @@ from torch import nn
 from compress import bench, data as data_mod, modelfile, pipeline, report, train
 from compress.bench import Result, Size, _recipes
 from compress.codec import container
-from compress.errors import InputError
+from compress.errors import FormatError, InputError
 from compress.record import Codebook, TensorRecord
 from compress.stages import Context, State
 from compress.stages import kmeans, prune
@@ -301,8 +301,6 @@ def read_pruned(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         FormatError: the file is damaged, or a values tensor does not fit its positions.
     """
-    from compress.errors import FormatError
-
     reader = container.Reader(path)
     out = {}
     for name in reader.names:
