@@ -22,6 +22,7 @@ from torch import nn
 
 import compress
 from compress import data as data_mod
+from compress import memory
 from compress import modelfile, models, report, train
 from compress.errors import InputError, RecipeError
 from compress.record import Affine, Codebook, TensorRecord
@@ -105,10 +106,12 @@ def validate(recipe: Recipe, model: nn.Module) -> None:
 
 def run_stage(stage: Stage, model: nn.Module, state: State, ctx: Context) -> dict:
     ctx.log.info("stage %s (%s) ...", stage.name, stage.spec.method)
+    mark = memory.mark()
     t0 = time.perf_counter()
     figures = stage.spec.run(model, state, stage.config, ctx) or {}
     seconds = time.perf_counter() - t0
     entry = {"stage": stage.name, "method": stage.spec.method, "seconds": seconds, "figures": figures}
+    entry.update(memory.since(mark))  # the stage's own peak (evaluation below excluded, like its seconds)
     if ctx.data is not None and stage.spec.changes_weights:
         entry["accuracy"] = train.evaluate(model, ctx.data, device=ctx.device)
     ctx.log.info("stage %s: %.1f s%s", stage.name, seconds,
@@ -123,6 +126,7 @@ def pretrain(model: nn.Module, recipe: Recipe, ctx: Context) -> dict:
     cache = ctx.run_dir / "pretrain.pt"
     entry: dict = {"stage": "baseline", "method": "checkpoint" if recipe.model.checkpoint else "pretrain",
                    "fingerprint": fingerprint}
+    mark = memory.mark()
     t0 = time.perf_counter()
     if recipe.model.checkpoint or ctx.data is None or recipe.pretrain.epochs == 0:
         entry["method"] = "checkpoint" if recipe.model.checkpoint else "as built"
@@ -135,6 +139,7 @@ def pretrain(model: nn.Module, recipe: Recipe, ctx: Context) -> dict:
                   batch_size=recipe.data.batch_size, desc="pretrain", rank=ctx.rank, world_size=ctx.world_size)
         save_stage(cache, fingerprint, model, State(), {"stage": "baseline"})
     entry["seconds"] = time.perf_counter() - t0
+    entry.update(memory.since(mark))
     if ctx.data is not None:
         entry["accuracy"] = train.evaluate(model, ctx.data, device=ctx.device)
         ctx.log.info("baseline accuracy %.2f%%", entry["accuracy"])
@@ -143,6 +148,7 @@ def pretrain(model: nn.Module, recipe: Recipe, ctx: Context) -> dict:
 
 def verify(path: Path, model: nn.Module, recipe: Recipe, datasets, state: State, ctx: Context) -> dict:
     """Decode the written file into a fresh model; check it is bit-exact and evaluate it."""
+    mark, t0 = memory.mark(), time.perf_counter()
     fresh = models.build(recipe.model, *shape_of(datasets, recipe))
     modelfile.load_into(fresh, path)
     decoded = fresh.state_dict()
@@ -153,6 +159,7 @@ def verify(path: Path, model: nn.Module, recipe: Recipe, datasets, state: State,
     if datasets is not None:
         out["accuracy"] = train.evaluate(fresh, datasets, device=ctx.device)
         ctx.log.info("decoded %s: accuracy %.2f%%", path.name, out["accuracy"])
+    out.update(seconds=time.perf_counter() - t0, **memory.since(mark))  # decode + check + evaluation
     return out
 
 

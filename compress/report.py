@@ -198,11 +198,12 @@ def markdown(r: dict) -> str:
                   f"{fmt(r['breakdown']['pruning+quantization_file'], '.1f')}× |",
                   f"| pruning + quantization + Huffman (file) | "
                   f"{fmt(r['breakdown']['pruning+quantization+huffman_file'], '.1f')}× |", ""]
-    lines += ["## Stages", "", "| stage | method | accuracy % | seconds |", "|---|---|---|---|"]
+    lines += ["## Stages", "", "| stage | method | accuracy % | seconds | peak RSS MB |", "|---|---|---|---|---|"]
     for s in r["stages"]:
         acc = s.get("verify", {}).get("accuracy", s.get("accuracy"))
         label = s["stage"] + (" (decoded file)" if "verify" in s else "") + (" (resumed)" if s.get("resumed") else "")
-        lines.append(f"| {label} | {s.get('method', '')} | {fmt(acc)} | {s.get('seconds', 0):.1f} |")
+        lines.append(f"| {label} | {s.get('method', '')} | {fmt(acc)} | {s.get('seconds', 0):.1f} | "
+                     f"{fmt(megabytes(s.get('peak_rss_bytes')), '.0f')} |")
     lines += ["", "## Tensors", "",
               "| tensor | shape | params | nonzero | density | bits | distinct | gap bits | "
               "bits/code | bits/gap | table B | encoded B | ratio |",
@@ -214,6 +215,10 @@ def markdown(r: dict) -> str:
             f"{fmt(t.get('huffman_bits_per_code'))} | {fmt(t.get('huffman_bits_per_gap'))} | "
             f"{fmt(t.get('table_bytes'), ',')} | {fmt(t.get('encoded_bytes'), ',')} | {fmt(t.get('ratio'), '.1f')} |")
     return "\n".join(lines) + "\n"
+
+
+def megabytes(n: int | None) -> float | None:
+    return None if n is None else n / 1e6
 
 
 def sensitivity_markdown(result: dict) -> str:
