@@ -2,12 +2,15 @@
 
 ``save`` writes every entry of a state_dict: compressed tensors from their
 records, the rest raw. ``decode`` gives a plain state_dict back, ``load_into``
-puts it into a model. The codec below knows only numpy arrays and bytes.
+puts it into a model. Both directions stream: the writer encodes and writes one
+tensor at a time, and ``load_into`` decodes one tensor at a time straight into
+the model, so a large model never has all its intermediates in memory at once.
+The codec below knows only numpy arrays and bytes.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,8 +54,17 @@ def decode(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         FormatError: the file is damaged, hostile or not a ``.dcz`` file.
     """
-    reader = container.Reader(path)
-    return {name: torch.from_numpy(np.array(reader.array(name))) for name in reader.names}
+    return dict(iter_decode(container.Reader(path)))
+
+
+def iter_decode(reader: container.Reader) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for each tensor of an opened file, decoded one at a time, in file order.
+
+    Raises:
+        FormatError: a tensor's payload is damaged or inconsistent (when it is reached).
+    """
+    for name in reader.names:
+        yield name, torch.from_numpy(np.require(reader.array(name), requirements="W"))
 
 
 def metadata(path: str | Path) -> dict[str, str]:
@@ -65,24 +77,30 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     BatchNorm is folded first when the file holds folded weights.
 
     Raises:
-        FormatError: the file does not fit the model (missing, extra or mis-shaped tensors).
+        FormatError: the file does not fit the model (missing, extra or mis-shaped tensors: checked
+            before anything is loaded), or a tensor's payload is damaged (the tensors before it
+            are then already loaded).
     """
-    if metadata(path).get(FOLDED_BN) == "1":
+    reader = container.Reader(path)
+    if reader.metadata.get(FOLDED_BN) == "1":
         from compress.fold import fold_batchnorm
 
         fold_batchnorm(model)
-    state = decode(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
+    expected, names = model.state_dict(), reader.names
+    known = set(names)
+    missing = [k for k in expected if k not in known]
+    extra = [k for k in names if k not in expected]
     if missing or extra:
         which = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
         raise FormatError("tensors", None, f"{path} does not fit this model: {which}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise FormatError(f"tensor {k!r}", None,
-                              f"shape {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    for k in names:
+        shape = tuple(reader.info(k).shape)
+        if shape != tuple(expected[k].shape):
+            raise FormatError(f"tensor {k!r}", None, f"shape {shape} in the file, {tuple(expected[k].shape)} in the model")
+    # Stream: decode one tensor, copy it into the model, let it go; never the whole decoded model at once.
+    with torch.no_grad():
+        for k, value in iter_decode(reader):
+            expected[k].copy_(value)
     return model
 
 

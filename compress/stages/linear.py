@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress import masks as masks_mod
-from compress import quant, train
+from compress import quant
 from compress.errors import RecipeError, check
 from compress.fold import fold_for_quantization
 from compress.quant import Granularity, Grid, ScaleMethod
@@ -160,6 +160,4 @@ def finetune(model: nn.Module, state: State, chosen: dict[str, LinearConfig], gr
         if name not in factories:
             factories[name] = masks_mod.Masked(mask)
     with masks_mod.parametrized(model, factories):
-        train.fit(model, ctx.data, cfg.finetune, device=ctx.device, seed=ctx.seed + 11,
-                  batch_size=ctx.recipe.data.batch_size, desc="quantization-aware training",
-                  rank=ctx.rank, world_size=ctx.world_size)
+        ctx.fit(model, cfg.finetune, seed=ctx.seed + 11, desc="quantization-aware training")
