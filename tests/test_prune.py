@@ -1,9 +1,10 @@
 import torch
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from compress.errors import RecipeError
 from compress.stages import State
-from compress.stages.prune import PruneConfig, Scope, magnitude_mask, run, round_targets
+from compress.stages.prune import PruneConfig, Scope, magnitude_mask, run, round_targets, top_mask
 from compress.train import TrainConfig, Optimizer
 
 from tests.stage_helpers import TinyNet, tiny_context, tiny_data
@@ -21,6 +22,33 @@ def test_magnitude_mask_ties_go_to_lower_index_and_never_revive():
     keep = torch.tensor([False, True, True, True])
     big = torch.tensor([9.0, 1.0, 2.0, 3.0])
     assert magnitude_mask(big, 0.5, keep).tolist() == [False, False, True, True]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-4, 4), min_size=1, max_size=60), st.floats(0, 1))
+def test_top_mask_is_the_stable_descending_sort(values, fraction):
+    # small integers: many ties, which a stable sort breaks by index
+    score = torch.tensor(values, dtype=torch.float32)
+    n_keep = int(round(fraction * len(values)))
+    order = torch.argsort(score.double(), descending=True, stable=True)
+    expected = torch.zeros(len(values), dtype=torch.bool)
+    expected[order[:n_keep]] = True
+    assert torch.equal(top_mask(score, n_keep), expected)
+
+
+def test_global_scope_prunes_the_smallest_across_tensors(tmp_path):
+    model = TinyNet()
+    with torch.no_grad():
+        for i, p in enumerate(p for n, p in model.named_parameters() if n.endswith("weight")):
+            p.copy_(torch.arange(p.numel(), dtype=torch.float32).view_as(p) + 100_000 * i)  # tensor i all above i-1
+    state = State()
+    cfg = PruneConfig(sparsity=0.5, scope=Scope.GLOBAL, retrain=TrainConfig(epochs=0))
+    run(model, state, cfg, tiny_context(tmp_path))
+    n = {k: m.numel() for k, m in state.masks.items()}
+    kept = sum(int(m.sum()) for m in state.masks.values())
+    assert kept == sum(n.values()) - round(0.5 * sum(n.values()))
+    # conv (36 weights, smallest values) is pruned whole; fc2 (largest values) is kept whole
+    assert not state.masks["conv.weight"].any() and state.masks["fc2.weight"].all()
 
 
 def test_round_targets_shrink_density_geometrically():
