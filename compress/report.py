@@ -125,7 +125,7 @@ def jsonable_stats(stats) -> list[dict]:
 
 def tensor_row(name: str, p: torch.Tensor, state, stat: dict | None) -> dict:
     w = p.detach().cpu()
-    row = {"name": name, "shape": list(w.shape), "params": w.numel(), "nonzero": int((w != 0).sum()),
+    row = {"name": name, "shape": list(w.shape), "params": w.numel(), "nonzero": int(torch.count_nonzero(w)),
            "density": float((w != 0).float().mean()) if w.numel() else 0.0,
            "distinct": int(torch.unique(w[w != 0]).numel())}
     record = state.records.get(name)

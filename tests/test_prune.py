@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from compress.errors import RecipeError
 from compress.stages import State
-from compress.stages.prune import PruneConfig, Scope, magnitude_mask, run, round_targets, top_mask
+from compress.stages.prune import PruneConfig, Scope, largest_masks, magnitude_mask, run, round_targets
 from compress.train import TrainConfig, Optimizer
 
 from tests.stage_helpers import TinyNet, tiny_context, tiny_data
@@ -24,16 +24,21 @@ def test_magnitude_mask_ties_go_to_lower_index_and_never_revive():
     assert magnitude_mask(big, 0.5, keep).tolist() == [False, False, True, True]
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(-4, 4), min_size=1, max_size=60), st.floats(0, 1))
-def test_top_mask_is_the_stable_descending_sort(values, fraction):
-    # small integers: many ties, which a stable sort breaks by index
-    score = torch.tensor(values, dtype=torch.float32)
-    n_keep = int(round(fraction * len(values)))
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.integers(-4, 4), min_size=1, max_size=30), min_size=1, max_size=3),
+       st.floats(0, 1), st.integers(0, 2 ** 30))
+def test_largest_masks_is_a_stable_descending_sort(values, fraction, seed):
+    # small integers (signs included): many ties, which a stable sort breaks by position
+    weights = [torch.tensor(v, dtype=torch.float32) for v in values]
+    g = torch.Generator().manual_seed(seed)
+    keeps = [torch.rand(len(v), generator=g) < 0.7 if i % 2 else None for i, v in enumerate(values)]
+    n_keep = int(round(fraction * sum(map(len, values))))
+    score = torch.cat([torch.where(k, w.abs(), -1.0) if k is not None else w.abs() for w, k in zip(weights, keeps)])
     order = torch.argsort(score.double(), descending=True, stable=True)
-    expected = torch.zeros(len(values), dtype=torch.bool)
+    expected = torch.zeros(len(score), dtype=torch.bool)
     expected[order[:n_keep]] = True
-    assert torch.equal(top_mask(score, n_keep), expected)
+    expected &= torch.cat([k if k is not None else torch.ones(len(w), dtype=torch.bool) for w, k in zip(weights, keeps)])
+    assert torch.equal(torch.cat(largest_masks(weights, keeps, n_keep)), expected)
 
 
 def test_global_scope_prunes_the_smallest_across_tensors(tmp_path):

@@ -586,7 +586,7 @@ def quantize_layer(model: nn.Module, fp_model: nn.Module, state: State, name: st
                            seed=seed)
         q = r.q
         mse = reconstruction_mse(layer, data, [nearest_w, r.weight], activation)
-        n_kept = max(int(mask.sum()), 1)
+        n_kept = max(int(mask.count_nonzero()), 1)
         undecided = ((r.soft > 0) & (r.soft < 1) & mask).sum()
         figures.update(flipped=int(((q != nearest) & mask).sum()) / n_kept, undecided=int(undecided) / n_kept,
                        cached=isinstance(data, CachedData))

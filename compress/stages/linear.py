@@ -141,7 +141,7 @@ def run(model: nn.Module, state: State, cfg: LinearConfig, ctx: Context) -> dict
                                  qmin=g.qmin)
         state.records[name] = record
         dense = torch.from_numpy(record.to_dense()).to(w.device)
-        n_kept = max(int(mask.sum()), 1)
+        n_kept = max(int(mask.count_nonzero()), 1)
         mse = float(torch.where(mask, (w.detach().double() - dense.double()) ** 2, 0.0).sum()) / n_kept
         with torch.no_grad():
             w.copy_(dense)
