@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from compress.distributed import local_world_size
 from compress.errors import InputError, check
 
 
@@ -391,7 +392,7 @@ def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, 
         rank, world_size: this process's share; see ``batch_plan`` for the split.
         drop_last: drop a last global batch smaller than the others.
         num_workers: loader processes for the ``DataLoader`` path; ``None`` picks
-            ``min(8, cpu count)``. Ignored on the fast path.
+            ``min(8, cpu count / processes on this machine)``. Ignored on the fast path.
 
     Yields:
         Tuples of tensors, the dataset's fields stacked along a first batch dimension.
@@ -407,8 +408,8 @@ def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, 
             else:
                 yield tuple(t[idx] for t in tensors)
         return
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
+    if num_workers is None:  # the machine's cores shared among the processes torchrun started on it
+        num_workers = min(8, max(1, (os.cpu_count() or 1) // local_world_size()))
     # The generator seeds the workers' augmentations: per epoch, and per rank so ranks do not crop alike.
     workers_seed = (seed + epoch) * world_size + rank
     loader = DataLoader(dataset, batch_sampler=[idx.tolist() for idx in plan], num_workers=num_workers,
