@@ -74,7 +74,9 @@ def metadata(path: str | Path) -> dict[str, str]:
 def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a ``.dcz`` file into ``model`` (built the way the file's model was).
 
-    BatchNorm is folded first when the file holds folded weights.
+    BatchNorm is folded first when the file holds folded weights. Tensors are decoded one
+    at a time straight into the model's own (``decode_into``): loading needs no memory for
+    a second copy of the model.
 
     Raises:
         FormatError: the file does not fit the model (missing, extra or mis-shaped tensors: checked
@@ -86,7 +88,17 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
         from compress.fold import fold_batchnorm
 
         fold_batchnorm(model)
-    expected, names = model.state_dict(), reader.names
+    expected = model.state_dict()
+    check_fits(reader, expected, path)
+    with torch.no_grad():
+        for k in reader.names:
+            decode_into(reader, k, expected[k])
+    return model
+
+
+def check_fits(reader: container.Reader, expected: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise ``FormatError`` unless the file holds exactly ``expected``'s tensor names, with the same shapes."""
+    names = reader.names
     known = set(names)
     missing = [k for k in expected if k not in known]
     extra = [k for k in names if k not in expected]
@@ -97,11 +109,40 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
         shape = tuple(reader.info(k).shape)
         if shape != tuple(expected[k].shape):
             raise FormatError(f"tensor {k!r}", None, f"shape {shape} in the file, {tuple(expected[k].shape)} in the model")
-    # Stream: decode one tensor, copy it into the model, let it go; never the whole decoded model at once.
-    with torch.no_grad():
-        for k, value in iter_decode(reader):
-            expected[k].copy_(value)
-    return model
+
+
+def decode_into(reader: container.Reader, name: str, target: torch.Tensor) -> None:
+    """Decode tensor ``name`` into ``target`` (its shape): a sparse tensor as zeros plus its kept values.
+
+    The same bits as copying ``reader.array(name)``, without its dense temporary.
+
+    Raises:
+        FormatError: the tensor's payload is damaged or inconsistent.
+    """
+    info = reader.info(name)
+    if info.encoding == "raw" or info.numel == 0 or not target.is_contiguous():
+        target.copy_(torch.from_numpy(np.require(reader.array(name), requirements="W")))
+        return
+    record = reader.record(name)
+    flat = target.view(-1)
+    flat.zero_()
+    flat[torch.from_numpy(record.positions).to(flat.device)] = torch.from_numpy(record.values()).to(flat)
+
+
+def differing_in_file(model_state: dict[str, torch.Tensor], path: str | Path, names: Iterable[str]) -> list[str]:
+    """``differing`` against the file itself, decoding one tensor at a time.
+
+    Raises:
+        FormatError: the file does not fit ``model_state`` (see ``check_fits``), or is damaged.
+    """
+    reader = container.Reader(path)
+    check_fits(reader, model_state, path)
+    bad = []
+    for name in names:
+        decoded = torch.empty(model_state[name].shape, dtype=torch.float32)
+        decode_into(reader, name, decoded)
+        bad += differing({name: model_state[name]}, {name: decoded}, [name])
+    return bad
 
 
 def differing(model_state: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor],

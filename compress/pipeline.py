@@ -32,6 +32,7 @@ from compress.errors import InputError, RecipeError
 from compress.record import Affine, Codebook, TensorRecord
 from compress.recipe import Recipe, Stage, to_toml
 from compress.stages import Context, State
+from compress.stages.base import candidate_weights, get_param
 
 ARTIFACTS = Path("artifacts")
 
@@ -95,8 +96,8 @@ def run_in(proc: distributed.Process, recipe: Recipe, *, out: Path | None = None
     for i, stage in enumerate(recipe.stages):
         fingerprint = digest(fingerprint, stage.name, recipe.source["stages"][stage.name])
         path = run_dir / "stages" / f"{i + 1:02d}-{stage.name}.pt"
-        if stage.name == "quantize" and proc.is_main:
-            snapshot = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if stage.name == "quantize" and proc.is_main:  # the kept weights before sharing, for the report's plot
+            snapshot = {n: w[w != 0].cpu() for n, w in ((n, get_param(model, n).detach()) for n in candidate_weights(model))}
         loaded = distributed.on_main(lambda: load_stage(path, fingerprint, model, state)) if resume else None
         if loaded is not None:
             log.info("stage %s: resumed from %s", stage.name, path)
@@ -176,15 +177,18 @@ def pretrain(model: nn.Module, recipe: Recipe, ctx: Context) -> dict:
 
 
 def verify(path: Path, model: nn.Module, recipe: Recipe, datasets, state: State, ctx: Context) -> dict:
-    """Decode the written file into a fresh model; check it is bit-exact and evaluate it."""
-    fresh = models.build(recipe.model, *shape_of(datasets, recipe))
-    modelfile.load_into(fresh, path)
-    decoded = fresh.state_dict()
-    bad = modelfile.differing(model.state_dict(), decoded, state.records)
+    """Decode the written file: check it fits the model and is bit-exact, and evaluate a fresh model loaded from it.
+
+    The check decodes one tensor at a time; the fresh model is only built when there is data to
+    evaluate it on, so a data-free run never holds two copies of a large model.
+    """
+    bad = modelfile.differing_in_file(model.state_dict(), path, state.records)
     if bad:
         raise RuntimeError(f"decoded tensor {bad[0]!r} differs from the evaluated weights")
     out = {"bit_exact": True, "file_bytes": path.stat().st_size}
     if datasets is not None:  # rank 0 alone (the others wait): the plain one-process evaluation
+        fresh = models.build(recipe.model, *shape_of(datasets, recipe))
+        modelfile.load_into(fresh, path)
         out["accuracy"] = train.evaluate(fresh, datasets, device=ctx.device,
                                          batch_size=recipe.data.eval_batch_size)
         ctx.log.info("decoded %s: accuracy %.2f%%", path.name, out["accuracy"])

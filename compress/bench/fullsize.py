@@ -10,7 +10,9 @@ classes, through the same stage functions a data-free recipe runs:
     [stages.encode]   compare = false
 
 then decodes the file into a freshly built model (after the original is freed) and checks
-it bit for bit against checksums of the encoded weights.
+it bit for bit against checksums of the encoded weights. It then runs the same recipe
+through ``pipeline.run`` (what ``python -m compress.run`` does: stage checkpoints, the
+file, its verification, the report) in another fresh process and measures that too.
 
 Peak memory of a stage: the highest resident set size while it runs (``VmHWM``, reset
 before each stage through ``/proc/self/clear_refs``, after freed heap is handed back to
@@ -143,6 +145,22 @@ def measure(arch: str, out_dir: str, threads: int) -> dict:
             "baseline_rss_bytes": meter.baseline}
 
 
+def measure_pipeline(arch: str, out_dir: str, threads: int) -> dict:
+    """The whole data-free run (``pipeline.run``: checkpoints, file, verification, report) on one model."""
+    from compress import pipeline, recipe, report
+
+    torch.set_num_threads(threads)
+    table = recipe_table(arch)
+    table["run"]["threads"] = threads
+    r = recipe.from_dict(table)
+    warm_up(r.model)
+    report.pyplot()  # matplotlib (~40 MB of library), which the report's plots load
+    meter = Meter()
+    result = meter.stage("pipeline", lambda: pipeline.run(r, out=Path(out_dir) / "run"))
+    return {"arch": arch, "dense_bytes": result.report["dense_bytes"], "ratio": result.report["ratio"],
+            "bit_exact": result.report["bit_exact"], **meter.rows["pipeline"], "peak_is_per_stage": meter.exact}
+
+
 def warm_up(config) -> None:
     """Build the model once and free it, so the baseline includes what its first build loads for good:
     torchvision, and the compute kernels and caches of the forward pass ``models.build`` checks shapes with."""
@@ -155,18 +173,18 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _child(arch: str, out_dir: str, threads: int, queue) -> None:
+def _child(fn, arch: str, out_dir: str, threads: int, queue) -> None:
     try:
-        queue.put(measure(arch, out_dir, threads))
+        queue.put(fn(arch, out_dir, threads))
     except BaseException as e:  # noqa: BLE001 -- report, do not hang the parent
         queue.put({"arch": arch, "error": f"{type(e).__name__}: {e}"})
 
 
-def in_fresh_process(arch: str, out_dir: str, threads: int) -> dict:
-    """``measure`` in a new process, so each model's baseline and peak are its own."""
+def in_fresh_process(fn, arch: str, out_dir: str, threads: int) -> dict:
+    """``fn(arch, out_dir, threads)`` in a new process, so each model's baseline and peak are its own."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(arch, out_dir, threads, queue))
+    proc = ctx.Process(target=_child, args=(fn, arch, out_dir, threads, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -181,10 +199,12 @@ def in_fresh_process(arch: str, out_dir: str, threads: int) -> dict:
 def fullsize(size: bench.Size, out: Path) -> bench.Result:
     """Full-size torchvision models: prune, k-means, encode, decode; wall time and peak memory per stage."""
     threads = torch.get_num_threads()
-    results = []
+    results, runs = [], []
     for arch in MODELS[size]:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
-            results.append(in_fresh_process(arch, tmp, threads))
+            results.append(in_fresh_process(measure, arch, tmp, threads))
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            runs.append(in_fresh_process(measure_pipeline, arch, tmp, threads))
     rows = []
     for res in results:
         dense = res["dense_bytes"]
@@ -195,6 +215,8 @@ def fullsize(size: bench.Size, out: Path) -> bench.Result:
                          f"{row['peak_bytes'] / dense:.2f}x"])
     files = [[r["arch"], f"{r['file_bytes']:,}", f"{r['ratio']:.1f}x", f"{100 * r['density']:.1f} %",
               "yes" if r["bit_exact"] else "NO"] for r in results]
+    whole = [[r["arch"], f"{r['seconds']:.1f}", f"{r['peak_bytes'] / MB:.0f}", f"{r['peak_bytes'] / r['dense_bytes']:.2f}x",
+              f"{r['ratio']:.1f}x", "yes" if r["bit_exact"] else "NO"] for r in runs]
     worst = max(row["peak_bytes"] / r["dense_bytes"] for r in results for row in r["stages"].values())
     notes = [f"Random weights, 1000 classes, 224x224 inputs; prune {SPARSITY:.0%} of every conv/fc weight tensor "
              f"(one shot), k-means 8 bits conv / 5 bits fc, no fine-tuning (no data), Huffman coding. "
@@ -209,9 +231,12 @@ def fullsize(size: bench.Size, out: Path) -> bench.Result:
              "time; 'bit-exact' compares it with SHA-256 digests of the encoded model's tensors.",
              "Ratios are for random weights pruned by magnitude; trained weights give other code statistics."]
     return bench.Result(
-        figures={"models": results, "sparsity": SPARSITY, "threads": threads, "worst_peak_over_dense": worst},
+        figures={"models": results, "runs": runs, "sparsity": SPARSITY, "threads": threads,
+                 "worst_peak_over_dense": worst},
         tables=[("Wall time and peak memory per stage", bench.table(
                     ["model (parameters, dense size)", "stage", "seconds", "peak MB", "peak / dense"], rows)),
                 ("The written files", bench.table(["model", "file bytes", "ratio", "weights kept", "bit-exact"],
-                                                  files))],
+                                                  files)),
+                ("The whole run (pipeline.run of the same data-free recipe: checkpoints, file, verification, report)",
+                 bench.table(["model", "seconds", "peak MB", "peak / dense", "ratio", "bit-exact"], whole))],
         notes=notes)
