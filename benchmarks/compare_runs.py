@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from compress.codec import container
+from compress.record import Codebook
 
 
 def masks(run: Path) -> dict[str, torch.Tensor]:
@@ -31,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
     ma, mb = masks(args.a), masks(args.b)
     ra, rb = container.Reader(args.a / "model.dcz"), container.Reader(args.b / "model.dcz")
-    print(f"| tensor | masks identical | positions and codes identical | max centroid difference |")
+    print("| tensor | masks identical | positions and codes identical | max centroid difference |")
     print("|---|---|---|---|")
     for name in ra.names:
         if ra.info(name).encoding == "raw":
@@ -39,7 +40,7 @@ def main() -> None:
         a, b = ra.record(name), rb.record(name)
         same_mask = "–" if name not in ma else ("yes" if torch.equal(ma[name], mb[name]) else "NO")
         same_codes = np.array_equal(a.positions, b.positions) and np.array_equal(a.codes, b.codes)
-        values_a, values_b = (getattr(r.table, "values", r.table.scale) for r in (a, b))
+        values_a, values_b = (r.table.values if isinstance(r.table, Codebook) else r.table.scale for r in (a, b))
         diff = float(np.abs(values_a - values_b).max()) if values_a.shape == values_b.shape else float("nan")
         print(f"| `{name}` | {same_mask} | {'yes' if same_codes else 'NO'} | {diff:.3g} |")
     for run in (args.a, args.b):

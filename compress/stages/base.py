@@ -151,7 +151,7 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def fit(self, model: nn.Module, cfg: Any, *, seed: int, desc: str,
+    def fit(self, model: nn.Module, cfg: train.TrainConfig, *, seed: int, desc: str,
             params: Iterable[nn.Parameter] | None = None) -> list[float]:
         """``train.fit`` on the run's data, device, global batch and process share."""
         return train.fit(model, self.data, cfg, device=self.device, seed=seed, batch_size=self.recipe.data.batch_size,
