@@ -1,7 +1,8 @@
 """Several processes: torchrun's environment, rank 0 as the one writer, and two CPU processes matching one.
 
-The multi-process tests start two processes the way torchrun does (its environment
-variables, then ``python -m compress.run``'s ``main``), with the gloo backend on the CPU.
+Two CPU processes (gloo) are started twice: with ``torch.multiprocessing`` and torchrun's
+environment variables, to get each rank's masks, records and collectives back and compare
+them with one process; and with torchrun itself, for a run whose rank 0 fails.
 """
 from __future__ import annotations
 
@@ -99,21 +100,47 @@ def torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
-def cli_process(rank: int, world: int, port: int, argv: list[str], queue) -> None:
-    """One process of a run: torchrun's environment, then ``python -m compress.run``'s main.
+def collectives(rank: int, world: int) -> dict:
+    """Rank 0's failure, sums, mask broadcasts and quantization-aware training, in a started process group."""
+    out = {}
 
-    Puts back its exit code, what it printed, and the masks and records it ended with.
+    def fail():
+        raise InputError("disk full")
+
+    try:
+        distributed.on_main(fail)
+    except distributed.PeerError as e:
+        out["failure"] = ("peer", str(e), e.exit_code)
+    except InputError as e:
+        out["failure"] = ("own", str(e), 2)
+    out["sum"] = distributed.all_sum([rank + 1.0, 1.0])
+    out["mask"] = distributed.broadcast_masks({"w": torch.full((3,), bool(rank))})["w"].tolist()
+    out["qat"] = quantization_aware_training(rank, world).numpy()
+    return out
+
+
+def cli_process(rank: int, world: int, port: int, argv: list[str], queue) -> None:
+    """One process of a run: torchrun's environment, a few collectives, then ``python -m compress.run``'s main.
+
+    The process group is started here first, so the run uses it as one started by its caller
+    (``distributed.setup``); the torchrun test below covers the run starting it. Puts back its
+    exit code, what it printed, the masks and records it ended with, and the collectives' results.
     """
     os.environ.update(torchrun_env(rank, world, port))
+    torch.set_num_threads(1)
     results = []
     real_run = pipeline.run
     pipeline.run = lambda *a, **k: results.append(real_run(*a, **k)) or results[-1]
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_cli.main(argv)
+    with distributed.started("cpu") as proc:
+        checks = {"process": (proc.rank, proc.world_size, proc.owns_group), **collectives(rank, world)}
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_cli.main(argv)
+        checks["group_kept"] = torch.distributed.is_initialized()  # the run left the caller's group alone
+    checks["group_left"] = torch.distributed.is_initialized()
     state = results[0].state if results else None
     queue.put((rank, {
-        "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
+        "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), **checks,
         "masks": {n: m.numpy().copy() for n, m in state.masks.items()} if state else {},
         "records": {n: (r.positions, r.codes, r.table.values) for n, r in state.records.items()} if state else {},
         "accuracy": results[0].report.get("final_accuracy") if results else None,
@@ -136,6 +163,30 @@ def run_processes(world: int, argv: list[str], timeout: float = 240) -> list[dic
                 p.kill()
     assert all(p.exitcode == 0 for p in procs)
     return [got[r] for r in range(world)]
+
+
+def quantization_aware_training(rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Two epochs of quantization-aware training (straight-through estimator, masks held) of a tiny net."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from compress import masks as masks_mod, quant, train
+    from compress.stages.linear import FakeQuantized
+    from compress.train import Optimizer, TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 16, generator=g)  # 90 samples, batches of 32: a short last batch (26) split 13/13
+    data = SimpleNamespace(train=TensorDataset(x, (x[:, :4].sum(1) > 0).long()))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 2))
+    keep = model[0].weight.abs() > 0.05
+    grid = quant.grid(model[0].weight.detach(), keep, bits=3)
+    with masks_mod.parametrized(model, {"0.weight": FakeQuantized(grid, keep), "2.weight": masks_mod.Masked(
+            torch.ones_like(model[2].weight, dtype=torch.bool))}):
+        train.fit(model, data, TrainConfig(epochs=2, lr=0.01, optimizer=Optimizer.ADAM, weight_decay=0.0),
+                  device=torch.device("cpu"), seed=3, batch_size=32, desc="qat", rank=rank, world_size=world)
+    return model[0].weight.detach().clone()
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +217,17 @@ def test_two_processes_match_one_and_agree_exactly(tmp_path, one_process):
         other = ranks[1]["records"][name]
         assert np.array_equal(positions, other[0]) and np.array_equal(codes, other[1])
         assert np.array_equal(centroids, other[2]), name
+
+    # the collectives: rank 0 raises its own error, rank 1 learns of it (exit code 2: bad input) instead of waiting
+    assert [r["process"] for r in ranks] == [(0, 2, True), (1, 2, True)]
+    assert [r["group_kept"] for r in ranks] == [True, True] and [r["group_left"] for r in ranks] == [False, False]
+    assert ranks[0]["failure"] == ("own", "disk full", 2)
+    assert ranks[1]["failure"] == ("peer", "InputError: disk full", 2)
+    assert ranks[0]["sum"] == ranks[1]["sum"] == [3.0, 2.0]
+    assert ranks[0]["mask"] == ranks[1]["mask"] == [False, False, False]  # rank 0's
+    # quantization-aware training under DDP: both ranks hold the same weights, those of one process
+    assert np.array_equal(ranks[0]["qat"], ranks[1]["qat"])
+    assert np.abs(ranks[0]["qat"] - quantization_aware_training().numpy()).max() <= 1e-6
 
     # and the same masks and codes as one process with the same global batch; centroids and accuracy close
     assert set(ranks[0]["masks"]) == set(one.state.masks)
