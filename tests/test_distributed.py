@@ -242,8 +242,8 @@ def test_two_processes_match_one_and_agree_exactly(tmp_path, one_process):
     assert abs((out / "model.dcz").stat().st_size - (one_dir / "model.dcz").stat().st_size) <= 64
 
 
-def test_torchrun_failure_on_rank0_stops_both_with_one_line(tmp_path):
-    # rank 0 cannot create the run folder; rank 1 must stop too (not wait for it), silently
+def test_torchrun_failure_on_rank0_stops_the_run_with_one_line(tmp_path):
+    # rank 0 cannot create the run folder: one line from it, nothing from rank 1, no traceback of ours
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -254,5 +254,8 @@ def test_torchrun_failure_on_rank0_stops_both_with_one_line(tmp_path):
     assert done.returncode != 0 and done.stdout == ""
     ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "output folder" in ours[0] and str(blocker / "run") in ours[0]
-    # torchrun's own summary follows: both processes exited with code 2 (bad input)
-    assert done.stderr.count("exitcode  : 2") == 2
+    assert "[rank 1]" not in done.stderr and f'File "{ROOT / "compress"}' not in done.stderr
+    # torchrun's own summary follows; its root cause is rank 0's exit code 2 (bad input). Rank 1 exits
+    # with 2 too (PeerError), unless torchrun has already stopped it: which comes first is a race.
+    root_cause = done.stderr.split("Root Cause")[1]
+    assert "rank      : 0" in root_cause and "exitcode  : 2" in root_cause
