@@ -14,18 +14,35 @@ QUICKSTART = "quickstart.toml"
 
 
 def guarded(fn: Callable[[], int | None]) -> int:
-    """Run ``fn``; turn every failure into one line on stderr and an exit code (2 input, 1 runtime, 130 Ctrl-C)."""
+    """Run ``fn``; turn every failure into one line on stderr and an exit code (2 input, 1 runtime, 130 Ctrl-C).
+
+    Under torchrun, rank 0 reports bad input; the other ranks, which meet the same
+    recipe and files, exit quietly with the same code, as they do when rank 0 failed in
+    work only it does. A runtime failure of another rank is its own: it is printed,
+    marked with the rank.
+    """
+    from compress.distributed import PeerError, env_ranks
+
+    try:
+        rank = env_ranks()[0]
+    except CompressError:
+        rank = 0  # a malformed RANK is reported by the run itself
+    mark = f"[rank {rank}] " if rank else ""
     try:
         return fn() or 0
+    except PeerError as e:
+        return e.exit_code
     except CompressError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not rank:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if not rank:
+            print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug or a fault (disk full, CUDA): one line here, the traceback in the run's log
         log_traceback()
-        print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
+        print(f"{mark}error: {e.__class__.__name__}: {e}", file=sys.stderr)
         return 1
 
 
@@ -50,6 +67,8 @@ def run_recipe(path: str | None, out: Path | None, check: bool, resume: bool, ov
         print(plan(loaded))
         return 0
     result = pipeline.run(loaded, out=out, resume=resume, overrides=tuple(overrides))
+    if result.rank != 0:
+        return 0  # rank 0 prints the summary
     r = result.report
     summary = f"done: {result.run_dir}/report.md"
     if "ratio" in r:

@@ -4,8 +4,8 @@
 built (input shape, number of classes). ``batches`` is the one iterator every
 loop uses: deterministic given ``(seed, epoch)``, with a copy-free fast path
 for in-memory tensors and a rank split whose concatenation is the
-single-process batch order, so one process and N processes see the same
-global batches.
+single-process batch, so one process and N processes see the same global
+batches (no padding, no repeated samples).
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from compress.distributed import local_world_size
 from compress.errors import InputError, check
 
 
@@ -311,21 +312,25 @@ LOADERS: dict[DatasetName, Callable[[DataConfig, int], Datasets]] = {
 
 def batch_plan(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
                world_size: int = 1, drop_last: bool = False) -> list[Tensor]:
-    """The dataset indices of each of this rank's batches, in order.
+    """The dataset indices of this rank's share of each global batch, in order.
 
-    The global order is ``randperm(n)`` seeded by ``seed + epoch`` (or ``0..n-1``),
-    cut into global batches of ``batch_size * world_size``; rank ``r`` takes the
-    ``r``-th contiguous slice of each, so concatenating the ranks' batches in rank
-    order gives the global batch. With ``world_size > 1`` the order is first padded
-    by wrapping around to a multiple of ``world_size`` (as ``DistributedSampler``
-    does) so that every rank gets the same number of samples and batches; the last
-    global batch is then split evenly. ``drop_last`` drops a last global batch
-    smaller than ``batch_size * world_size``.
+    The global order is ``randperm(n)`` seeded by ``seed + epoch`` (or ``0..n-1``), cut
+    into global batches of ``batch_size`` (the last one shorter, or dropped with
+    ``drop_last``). Each global batch is split into ``world_size`` contiguous shares
+    as even as possible (see ``share_bounds``), so concatenating the ranks' shares in
+    rank order gives back the global batch: N processes see exactly the batches one
+    process sees, reshuffled each epoch like ``DistributedSampler.set_epoch``. Nothing is
+    padded or repeated. With ``world_size > 1`` a last global batch smaller than
+    ``world_size`` is dropped, since some process would have nothing to train on.
+
+    Raises:
+        ValueError: ``batch_size < world_size`` or a rank outside ``[0, world_size)``.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
     if world_size <= 0 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    if batch_size < world_size:
+        raise ValueError(f"batch_size must be >= world_size = {world_size} (a share for every process), "
+                         f"got {batch_size}")
     if n == 0:
         return []
     if shuffle:
@@ -333,33 +338,57 @@ def batch_plan(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: 
         order = torch.randperm(n, generator=generator)
     else:
         order = torch.arange(n)
-    step = batch_size * world_size
-    if drop_last:
-        order = order[: n // step * step]
-    elif n % world_size:
-        order = order[torch.arange(math.ceil(n / world_size) * world_size) % n]
     plan = []
-    for start in range(0, len(order), step):
-        chunk = order[start: start + step]
-        share = len(chunk) // world_size
-        plan.append(chunk[rank * share: (rank + 1) * share])
+    for size, start in zip(global_batch_sizes(n, batch_size, world_size, drop_last),
+                           range(0, n, batch_size)):
+        lo, hi = share_bounds(size, rank, world_size)
+        plan.append(order[start + lo: start + hi])
     return plan
+
+
+def global_batch_sizes(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> list[int]:
+    """The size of each global batch of an epoch over ``n`` samples (see ``batch_plan``)."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    if sizes and (drop_last and sizes[-1] < batch_size or sizes[-1] < world_size):
+        sizes.pop()
+    return sizes
+
+
+def share_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[lo, hi)`` of rank ``rank``'s share of a global batch of ``size``: the first ``size % world_size``
+    ranks take one sample more than the others."""
+    base, extra = divmod(size, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """Rank ``rank``'s contiguous slice of ``dataset``; the slices partition it (for evaluation).
+
+    A ``TensorDataset`` stays one (its tensors sliced, no copy), so the fast path of ``batches`` holds.
+    """
+    if world_size == 1:
+        return dataset
+    lo, hi = share_bounds(len(dataset), rank, world_size)
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(t[lo:hi] for t in dataset.tensors))
+    return Subset(dataset, range(lo, hi))
 
 
 def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
             world_size: int = 1, drop_last: bool = False, num_workers: int | None = None
             ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Iterate over ``(inputs, labels)`` batches, deterministically given ``seed`` and ``epoch``.
+    """Iterate over this rank's ``(inputs, labels)`` batches, deterministically given ``seed`` and ``epoch``.
 
     Args:
         dataset: a ``TensorDataset`` (fast path: the stored tensors are indexed directly,
             no per-sample collate) or any map-style dataset (a ``DataLoader`` over the same plan).
-        batch_size: this rank's batch; the global batch is ``batch_size * world_size``.
+        batch_size: the global batch; this rank gets its share of each (see ``batch_plan``).
         shuffle: permute with a generator seeded by ``seed + epoch``; else dataset order.
         rank, world_size: this process's share; see ``batch_plan`` for the split.
         drop_last: drop a last global batch smaller than the others.
         num_workers: loader processes for the ``DataLoader`` path; ``None`` picks
-            ``min(8, cpu count)``. Ignored on the fast path.
+            ``min(8, cpu count / processes on this machine)``. Ignored on the fast path.
 
     Yields:
         Tuples of tensors, the dataset's fields stacked along a first batch dimension.
@@ -375,10 +404,12 @@ def batches(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, 
             else:
                 yield tuple(t[idx] for t in tensors)
         return
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
+    if num_workers is None:  # the machine's cores shared among the processes torchrun started on it
+        num_workers = min(8, max(1, (os.cpu_count() or 1) // local_world_size()))
+    # The generator seeds the workers' augmentations: per epoch, and per rank so ranks do not crop alike.
+    workers_seed = (seed + epoch) * world_size + rank
     loader = DataLoader(dataset, batch_sampler=[idx.tolist() for idx in plan], num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(seed + epoch))  # seeds workers' augmentations
+                        generator=torch.Generator().manual_seed(workers_seed))
     yield from loader
 
 

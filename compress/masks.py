@@ -59,7 +59,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         for name, mask in masks.items():
             module, attr = split(name)
             w = getattr(model.get_submodule(module), attr)
-            w.copy_(torch.where(mask.to(w.device), w, torch.zeros((), dtype=w.dtype, device=w.device)))
+            w.masked_fill_(~mask.to(w.device), 0.0)  # in place: no weight-sized temporary; fills +0.0
 
 
 def held(model: nn.Module, masks: dict[str, torch.Tensor]):

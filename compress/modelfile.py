@@ -2,12 +2,15 @@
 
 ``save`` writes every entry of a state_dict: compressed tensors from their
 records, the rest raw. ``decode`` gives a plain state_dict back, ``load_into``
-puts it into a model. The codec below knows only numpy arrays and bytes.
+puts it into a model. Both directions stream: the writer encodes and writes one
+tensor at a time, and ``load_into`` decodes one tensor at a time straight into
+the model, so a large model never has all its intermediates in memory at once.
+The codec below knows only numpy arrays and bytes.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,8 +54,17 @@ def decode(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         FormatError: the file is damaged, hostile or not a ``.dcz`` file.
     """
-    reader = container.Reader(path)
-    return {name: torch.from_numpy(np.array(reader.array(name))) for name in reader.names}
+    return dict(iter_decode(container.Reader(path)))
+
+
+def iter_decode(reader: container.Reader) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for each tensor of an opened file, decoded one at a time, in file order.
+
+    Raises:
+        FormatError: a tensor's payload is damaged or inconsistent (when it is reached).
+    """
+    for name in reader.names:
+        yield name, torch.from_numpy(np.require(reader.array(name), requirements="W"))
 
 
 def metadata(path: str | Path) -> dict[str, str]:
@@ -62,28 +74,75 @@ def metadata(path: str | Path) -> dict[str, str]:
 def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a ``.dcz`` file into ``model`` (built the way the file's model was).
 
-    BatchNorm is folded first when the file holds folded weights.
+    BatchNorm is folded first when the file holds folded weights. Tensors are decoded one
+    at a time straight into the model's own (``decode_into``): loading needs no memory for
+    a second copy of the model.
 
     Raises:
-        FormatError: the file does not fit the model (missing, extra or mis-shaped tensors).
+        FormatError: the file does not fit the model (missing, extra or mis-shaped tensors: checked
+            before anything is loaded), or a tensor's payload is damaged (the tensors before it
+            are then already loaded).
     """
-    if metadata(path).get(FOLDED_BN) == "1":
+    reader = container.Reader(path)
+    if reader.metadata.get(FOLDED_BN) == "1":
         from compress.fold import fold_batchnorm
 
         fold_batchnorm(model)
-    state = decode(path)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
+    check_fits(reader, expected, path)
+    with torch.no_grad():
+        for k in reader.names:
+            decode_into(reader, k, expected[k])
+    return model
+
+
+def check_fits(reader: container.Reader, expected: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise ``FormatError`` unless the file holds exactly ``expected``'s tensor names, with the same shapes."""
+    names = reader.names
+    known = set(names)
+    missing = [k for k in expected if k not in known]
+    extra = [k for k in names if k not in expected]
     if missing or extra:
         which = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
         raise FormatError("tensors", None, f"{path} does not fit this model: {which}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise FormatError(f"tensor {k!r}", None,
-                              f"shape {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return model
+    for k in names:
+        shape = tuple(reader.info(k).shape)
+        if shape != tuple(expected[k].shape):
+            raise FormatError(f"tensor {k!r}", None, f"shape {shape} in the file, {tuple(expected[k].shape)} in the model")
+
+
+def decode_into(reader: container.Reader, name: str, target: torch.Tensor) -> None:
+    """Decode tensor ``name`` into ``target`` (its shape): a sparse tensor as zeros plus its kept values.
+
+    The same bits as copying ``reader.array(name)``, without its dense temporary.
+
+    Raises:
+        FormatError: the tensor's payload is damaged or inconsistent.
+    """
+    info = reader.info(name)
+    if info.encoding == "raw" or info.numel == 0 or not target.is_contiguous():
+        target.copy_(torch.from_numpy(np.require(reader.array(name), requirements="W")))
+        return
+    record = reader.record(name)
+    flat = target.view(-1)
+    flat.zero_()
+    flat[torch.from_numpy(record.positions).to(flat.device)] = torch.from_numpy(record.values()).to(flat)
+
+
+def differing_in_file(model_state: dict[str, torch.Tensor], path: str | Path, names: Iterable[str]) -> list[str]:
+    """``differing`` against the file itself, decoding one tensor at a time.
+
+    Raises:
+        FormatError: the file does not fit ``model_state`` (see ``check_fits``), or is damaged.
+    """
+    reader = container.Reader(path)
+    check_fits(reader, model_state, path)
+    bad = []
+    for name in names:
+        decoded = torch.empty(model_state[name].shape, dtype=torch.float32)
+        decode_into(reader, name, decoded)
+        bad += differing({name: model_state[name]}, {name: decoded}, [name])
+    return bad
 
 
 def differing(model_state: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor],

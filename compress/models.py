@@ -171,7 +171,7 @@ class ModelConfig:
         name: a zoo name (``lenet300``, ``lenet5``, ``resnet20``, ``mlp``),
             ``torchvision:<builder>`` (e.g. ``torchvision:resnet18``), or a factory
             ``package.module:function`` returning an ``nn.Module``.
-        checkpoint: a weights file (a state_dict, or a dict holding one under ``model`` or
+        checkpoint: a weights file (``~`` expanded; a state_dict, or a dict holding one under ``model`` or
             ``state_dict``) loaded with ``weights_only=True``; without it the recipe pretrains.
         hidden: hidden widths for ``mlp`` (64 is plenty for 8x8 digits).
     """
@@ -310,7 +310,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
             containers (``weights_only`` refuses it; nothing in it is run), or a key or shape
             does not match the model (the first mismatch is named, with both shapes).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

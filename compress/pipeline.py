@@ -4,6 +4,11 @@ Every stage leaves a checkpoint (weights, masks, records) stamped with a
 fingerprint of the recipe up to that stage; ``--resume`` skips a stage whose
 checkpoint matches. After an encode stage the written FILE is decoded into a
 fresh model and evaluated: that is the accuracy the report gives.
+
+Under ``torchrun`` every process runs this same code (see ``compress.distributed``):
+all of them train and evaluate, rank 0 alone reads checkpoints and writes files
+(``distributed.on_main``), and after every stage the others take rank 0's weights,
+masks and records (``distributed.share_run_state``).
 """
 from __future__ import annotations
 
@@ -22,46 +27,64 @@ from torch import nn
 
 import compress
 from compress import data as data_mod
-from compress import memory
-from compress import modelfile, models, report, train
+from compress import distributed, memory, modelfile, models, report, train
 from compress.errors import InputError, RecipeError
 from compress.record import Affine, Codebook, TensorRecord
-from compress.recipe import Device, Recipe, Stage, to_toml
+from compress.recipe import Recipe, Stage, to_toml
 from compress.stages import Context, State
+from compress.stages.base import candidate_weights, get_param
 
 ARTIFACTS = Path("artifacts")
 
 
 @dataclass
 class Result:
+    """A finished run: its folder and report (rank 0's; empty on the other ranks), the model and state."""
+
     run_dir: Path
     report: dict
+    model: nn.Module | None = None
+    state: State | None = None
+    rank: int = 0
 
 
 def run(recipe: Recipe, *, out: Path | None = None, resume: bool = False,
         overrides: tuple[str, ...] = ()) -> Result:
-    """Run ``recipe`` and write its run folder.
+    """Run ``recipe`` and write its run folder; one process, or each of those torchrun started.
 
     Raises:
         CompressError: bad input (recipe, files); the CLI reports it in one line.
+        distributed.PeerError: on ranks other than 0, when rank 0 failed writing or reading files.
     """
-    run_dir = Path(out) if out is not None else ARTIFACTS / recipe.run.name
     setup_torch(recipe)
-    device = pick_device(recipe.run.device)
+    with distributed.started(recipe.run.device) as proc:
+        return run_in(proc, recipe, out=out, resume=resume, overrides=overrides)
+
+
+def run_in(proc: distributed.Process, recipe: Recipe, *, out: Path | None = None, resume: bool = False,
+           overrides: tuple[str, ...] = ()) -> Result:
+    """``run`` as process ``proc`` of the run."""
+    run_dir = Path(out) if out is not None else ARTIFACTS / recipe.run.name
+    device = proc.device
     # everything that can be checked is checked before the run folder exists: bad input leaves nothing behind
     datasets = data_mod.load(recipe.data, seed=recipe.run.seed) if recipe.data else None
     model = build_model(recipe, datasets)
     validate(recipe, model)
-    try:
-        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"output folder {run_dir}: cannot create ({e.strerror})") from None
-    log = setup_logging(run_dir)
+    if proc.world_size > 1:
+        torch.manual_seed(recipe.run.seed + proc.rank)  # same weights built everywhere; dropout differs per rank
+    distributed.on_main(lambda: make_run_dir(run_dir))
+    log = setup_logging(run_dir, rank=proc.rank)
     ctx = Context(data=datasets, device=device, seed=recipe.run.seed, run_dir=run_dir, log=log,
-                  pretrain=recipe.pretrain, recipe=recipe)
-    report.write_atomic(run_dir / "recipe.toml", to_toml(recipe.source))
-    report.write_atomic(run_dir / "versions.json", json.dumps(versions(recipe, overrides), indent=2))
-    log.info("run %s on %s -> %s", recipe.run.name, device, run_dir)
+                  pretrain=recipe.pretrain, recipe=recipe, rank=proc.rank, world_size=proc.world_size)
+
+    def write_run_files() -> None:
+        report.write_atomic(run_dir / "recipe.toml", to_toml(recipe.source))
+        report.write_atomic(run_dir / "versions.json",
+                            json.dumps(versions(recipe, overrides, proc.world_size), indent=2))
+
+    distributed.on_main(write_run_files)
+    log.info("run %s on %s%s -> %s", recipe.run.name, device,
+             f" ({proc.world_size} processes)" if proc.world_size > 1 else "", run_dir)
 
     state = State()
     stages: list[dict] = []
@@ -73,24 +96,35 @@ def run(recipe: Recipe, *, out: Path | None = None, resume: bool = False,
     for i, stage in enumerate(recipe.stages):
         fingerprint = digest(fingerprint, stage.name, recipe.source["stages"][stage.name])
         path = run_dir / "stages" / f"{i + 1:02d}-{stage.name}.pt"
-        if stage.name == "quantize":
-            snapshot = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        loaded = load_stage(path, fingerprint, model, state) if resume else None
+        if stage.name == "quantize" and proc.is_main:  # the kept weights before sharing, for the report's plot
+            snapshot = {n: w[w != 0].cpu() for n, w in ((n, get_param(model, n).detach()) for n in candidate_weights(model))}
+        loaded = distributed.on_main(lambda: load_stage(path, fingerprint, model, state)) if resume else None
         if loaded is not None:
             log.info("stage %s: resumed from %s", stage.name, path)
             entry = loaded
             entry["resumed"] = True
+            distributed.share_run_state(model, state)
         else:
             entry = run_stage(stage, model, state, ctx)
-            save_stage(path, fingerprint, model, state, entry)
+            distributed.share_run_state(model, state)
+            distributed.on_main(lambda: save_stage(path, fingerprint, model, state, entry))
         if state.file is not None and stage.name == "encode":
-            entry["verify"] = verify(state.file, model, recipe, datasets, state, ctx)
+            entry["verify"] = distributed.on_main(lambda: verify(state.file, model, recipe, datasets, state, ctx))
         stages.append(entry)
     total = time.perf_counter() - t0
+    if not proc.is_main:
+        return Result(run_dir, {}, model, state, proc.rank)
     result = report.build(recipe, model, state, stages, snapshot, total_seconds=total)
     report.write(run_dir, result, model, snapshot, state)
     log.info("done in %.1f s; report: %s", total, run_dir / "report.md")
-    return Result(run_dir, result)
+    return Result(run_dir, result, model, state, proc.rank)
+
+
+def make_run_dir(run_dir: Path) -> None:
+    try:
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"output folder {run_dir}: cannot create ({e.strerror})") from None
 
 
 def validate(recipe: Recipe, model: nn.Module) -> None:
@@ -113,7 +147,7 @@ def run_stage(stage: Stage, model: nn.Module, state: State, ctx: Context) -> dic
     entry = {"stage": stage.name, "method": stage.spec.method, "seconds": seconds, "figures": figures}
     entry.update(memory.since(mark))  # the stage's own peak (evaluation below excluded, like its seconds)
     if ctx.data is not None and stage.spec.changes_weights:
-        entry["accuracy"] = train.evaluate(model, ctx.data, device=ctx.device)
+        entry["accuracy"] = ctx.evaluate(model)
     ctx.log.info("stage %s: %.1f s%s", stage.name, seconds,
                  f", accuracy {entry['accuracy']:.2f}%" if "accuracy" in entry else "")
     return entry
@@ -130,34 +164,38 @@ def pretrain(model: nn.Module, recipe: Recipe, ctx: Context) -> dict:
     t0 = time.perf_counter()
     if recipe.model.checkpoint or ctx.data is None or recipe.pretrain.epochs == 0:
         entry["method"] = "checkpoint" if recipe.model.checkpoint else "as built"
-    elif load_stage(cache, fingerprint, model, State()) is not None:
+    elif distributed.on_main(lambda: load_stage(cache, fingerprint, model, State()) is not None):
+        distributed.share_model(model)
         ctx.log.info("pretrain: cached baseline %s", cache)
         entry["resumed"] = True
     else:
         ctx.log.info("pretrain: %d epochs", recipe.pretrain.epochs)
-        train.fit(model, ctx.data, recipe.pretrain, device=ctx.device, seed=ctx.seed,
-                  batch_size=recipe.data.batch_size, desc="pretrain", rank=ctx.rank, world_size=ctx.world_size)
-        save_stage(cache, fingerprint, model, State(), {"stage": "baseline"})
+        ctx.fit(model, recipe.pretrain, seed=ctx.seed, desc="pretrain")
+        distributed.on_main(lambda: save_stage(cache, fingerprint, model, State(), {"stage": "baseline"}))
     entry["seconds"] = time.perf_counter() - t0
     entry.update(memory.since(mark))
     if ctx.data is not None:
-        entry["accuracy"] = train.evaluate(model, ctx.data, device=ctx.device)
+        entry["accuracy"] = ctx.evaluate(model)
         ctx.log.info("baseline accuracy %.2f%%", entry["accuracy"])
     return entry
 
 
 def verify(path: Path, model: nn.Module, recipe: Recipe, datasets, state: State, ctx: Context) -> dict:
-    """Decode the written file into a fresh model; check it is bit-exact and evaluate it."""
+    """Decode the written file: check it fits the model and is bit-exact, and evaluate a fresh model loaded from it.
+
+    The check decodes one tensor at a time; the fresh model is only built when there is data to
+    evaluate it on, so a data-free run never holds two copies of a large model.
+    """
     mark, t0 = memory.mark(), time.perf_counter()
-    fresh = models.build(recipe.model, *shape_of(datasets, recipe))
-    modelfile.load_into(fresh, path)
-    decoded = fresh.state_dict()
-    bad = modelfile.differing(model.state_dict(), decoded, state.records)
+    bad = modelfile.differing_in_file(model.state_dict(), path, state.records)
     if bad:
         raise RuntimeError(f"decoded tensor {bad[0]!r} differs from the evaluated weights")
     out = {"bit_exact": True, "file_bytes": path.stat().st_size}
-    if datasets is not None:
-        out["accuracy"] = train.evaluate(fresh, datasets, device=ctx.device)
+    if datasets is not None:  # rank 0 alone (the others wait): the plain one-process evaluation
+        fresh = models.build(recipe.model, *shape_of(datasets, recipe))
+        modelfile.load_into(fresh, path)
+        out["accuracy"] = train.evaluate(fresh, datasets, device=ctx.device,
+                                         batch_size=recipe.data.eval_batch_size)
         ctx.log.info("decoded %s: accuracy %.2f%%", path.name, out["accuracy"])
     out.update(seconds=time.perf_counter() - t0, **memory.since(mark))  # decode + check + evaluation
     return out
@@ -236,14 +274,6 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def pick_device(device: Device) -> torch.device:
-    if device is Device.CUDA and not torch.cuda.is_available():
-        raise InputError("run.device: \"cuda\" asked for but no CUDA device is available; use \"auto\" or \"cpu\"")
-    if device is Device.CPU or (device is Device.AUTO and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
 def setup_torch(recipe: Recipe) -> None:
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
@@ -251,23 +281,26 @@ def setup_torch(recipe: Recipe) -> None:
     np.random.seed(recipe.run.seed)
 
 
-def setup_logging(run_dir: Path) -> logging.Logger:
+def setup_logging(run_dir: Path, rank: int = 0) -> logging.Logger:
+    """Rank 0 logs progress to ``run.log`` and stderr; other ranks only warnings, to stderr, marked with their rank."""
     log = logging.getLogger("compress")
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
-    file = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
-    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(file)
+    console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
+    if rank == 0:
+        file = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file)
     log.addHandler(console)
     log.propagate = False
     return log
 
 
-def versions(recipe: Recipe, overrides: tuple[str, ...]) -> dict:
+def versions(recipe: Recipe, overrides: tuple[str, ...], world_size: int = 1) -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "compress": compress.__version__, "seed": recipe.run.seed, "overrides": list(overrides),
-            "recipe": str(recipe.path) if recipe.path else None, "threads": torch.get_num_threads()}
+            "recipe": str(recipe.path) if recipe.path else None, "threads": torch.get_num_threads(),
+            "processes": world_size}

@@ -36,7 +36,7 @@ class RunConfig:
     Args:
         name: the run folder under ``artifacts/`` (``--out`` overrides it).
         seed: seeds data order, initialisation and k-means; same seed, same file.
-        device: ``auto`` picks CUDA when present.
+        device: ``auto`` picks CUDA when present (under torchrun, each process its ``cuda:LOCAL_RANK``), else the CPU.
         threads: torch intra-op threads; 0 keeps torch's default.
     """
 

@@ -125,8 +125,9 @@ def jsonable_stats(stats) -> list[dict]:
 
 def tensor_row(name: str, p: torch.Tensor, state, stat: dict | None) -> dict:
     w = p.detach().cpu()
-    row = {"name": name, "shape": list(w.shape), "params": w.numel(), "nonzero": int((w != 0).sum()),
-           "density": float((w != 0).float().mean()) if w.numel() else 0.0,
+    nonzero = int(torch.count_nonzero(w))  # counted, not summed: a mean over a float copy costs a copy of the model
+    row = {"name": name, "shape": list(w.shape), "params": w.numel(), "nonzero": nonzero,
+           "density": nonzero / w.numel() if w.numel() else 0.0,
            "distinct": int(torch.unique(w[w != 0]).numel())}
     record = state.records.get(name)
     if record is not None:

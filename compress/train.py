@@ -7,16 +7,18 @@ pruning, centroid fine-tuning and quantization-aware training alike.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from compress import data as data_mod
+from compress import distributed
 from compress.errors import check
 
 
@@ -85,52 +87,91 @@ def fit(model: nn.Module, datasets, cfg: TrainConfig, *, device: torch.device, s
         batch_size: int, params: Iterable[nn.Parameter] | None = None,
         after_step: Callable[[], None] | None = None, desc: str = "train",
         rank: int = 0, world_size: int = 1) -> list[float]:
-    """Train ``model`` on ``datasets.train`` with cross-entropy.
+    """Train ``model`` on ``datasets.train`` with cross-entropy, in one process or as one of ``world_size``.
+
+    With several processes (a started process group) the model is wrapped in
+    DistributedDataParallel and each rank takes its share of every global batch. Each
+    rank's loss is its share's summed loss scaled by ``world_size / global batch``, so the
+    averaged gradient is the mean over the global batch, exactly the gradient one process
+    computes (up to float summation order), also for a short last batch.
 
     Args:
-        params: what to optimise (default: every parameter that requires grad).
+        params: what to optimise (default: every parameter that requires grad); the others
+            are frozen while training, so no gradient is computed or all-reduced for them.
         after_step: called after every optimizer step (e.g. to re-project weights).
         batch_size: the global batch; each of ``world_size`` ranks takes its share.
+        rank, world_size: this process's place (``compress.distributed.Process``).
 
     Returns:
-        The mean training loss of each epoch.
+        The mean training loss of each epoch (over this rank's samples).
+
+    Raises:
+        RecipeError: ``batch_size`` smaller than the number of processes.
     """
+    check(batch_size >= world_size, "data.batch_size",
+          f"must be at least the number of processes ({world_size}), got {batch_size}")
     model.to(device)
-    optimizer = make_optimizer(model.parameters() if params is None else params, cfg)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    per_rank = max(1, batch_size // world_size)
-    steps = max(1, math.ceil(len(datasets.train) / batch_size))
+    trainable = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    optimizer = make_optimizer(trainable, cfg)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=cfg.label_smoothing)
+    sizes = data_mod.global_batch_sizes(len(datasets.train), batch_size, world_size)
+    steps = max(1, len(sizes))
     losses = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        total, count = 0.0, 0
-        bar = tqdm(data_mod.batches(datasets.train, per_rank, shuffle=True, seed=seed, epoch=epoch,
-                                    rank=rank, world_size=world_size),
-                   total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None if rank == 0 else True)
-        for i, (x, y) in enumerate(bar):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, epoch + i / steps)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            total += loss.item() * len(y)
-            count += len(y)
-        losses.append(total / max(count, 1))
+    with only_trainable(model, trainable):
+        net = distributed.wrap(model, device)
+        for epoch in range(cfg.epochs):
+            model.train()
+            total, count = 0.0, 0
+            bar = tqdm(data_mod.batches(datasets.train, batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                        rank=rank, world_size=world_size),
+                       total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=None if rank == 0 else True)
+            for i, (x, y) in enumerate(bar):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(cfg, epoch + i / steps)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                summed = loss_fn(net(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                (summed * (world_size / sizes[i])).backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step()
+                total += summed.item()
+                count += len(y)
+            losses.append(total / max(count, 1))
+        del net  # a DDP wrapper's gradient hooks go with it, before the next one is built
+    distributed.sync_buffers(model)  # BatchNorm statistics were updated per rank: take rank 0's
     model.eval()
     return losses
 
 
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, trainable: list[nn.Parameter]) -> Iterator[None]:
+    """Freeze every parameter of ``model`` not in ``trainable`` for the duration of a block."""
+    keep = {id(p) for p in trainable}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, datasets, *, device: torch.device, batch_size: int = 1000) -> float:
-    """Top-1 accuracy (%) on the test split."""
+def evaluate(model: nn.Module, datasets, *, device: torch.device, batch_size: int = 1000,
+             rank: int = 0, world_size: int = 1) -> float:
+    """Top-1 accuracy (%) on the test split; with several processes each evaluates its slice and the counts are summed.
+
+    Every rank must call it (the counts are all-reduced) and gets the same figure.
+    """
     model.to(device).eval()
     correct = total = 0
-    for x, y in data_mod.batches(datasets.test, batch_size, shuffle=False):
+    for x, y in data_mod.batches(data_mod.shard(datasets.test, rank, world_size), batch_size, shuffle=False):
         pred = model(x.to(device)).argmax(dim=1)
         correct += (pred == y.to(device)).sum().item()
         total += len(y)
+    if world_size > 1:
+        correct, total = distributed.all_sum([correct, total])
     return 100.0 * correct / max(total, 1)

@@ -33,7 +33,7 @@ def tiny_data(n: int = 192, seed: int = 0):
 
 
 def tiny_context(tmp_path: Path, data=None) -> Context:
-    recipe = types.SimpleNamespace(data=types.SimpleNamespace(batch_size=32),
+    recipe = types.SimpleNamespace(data=types.SimpleNamespace(batch_size=32, eval_batch_size=1000),
                                    model=types.SimpleNamespace(name="tiny"))
     return Context(data=data, device=torch.device("cpu"), seed=0, run_dir=Path(tmp_path),
                    log=logging.getLogger("compress.test"), recipe=recipe)

@@ -111,38 +111,58 @@ def test_batches_unshuffled_keep_dataset_order_and_label_pairing():
         assert torch.equal(x.squeeze(1).long(), y)
 
 
-@pytest.mark.parametrize("n, world_size", [(96, 4), (100, 3), (10, 4)])
-def test_batches_rank_shares_partition_the_global_order(n, world_size):
-    ds, per_rank = index_dataset(n), 8
-    ranks = [seen(ds, per_rank, shuffle=True, seed=2, epoch=1, rank=r, world_size=world_size)
+@pytest.mark.parametrize("n, batch_size, world_size", [(96, 32, 4), (100, 24, 3), (10, 32, 4), (50, 7, 2), (33, 8, 4)])
+def test_batches_rank_shares_partition_each_global_batch(n, batch_size, world_size):
+    ds = index_dataset(n)
+    ranks = [seen(ds, batch_size, shuffle=True, seed=2, epoch=1, rank=r, world_size=world_size)
              for r in range(world_size)]
-    # Every rank takes as many samples and batches as the others.
+    single = seen(ds, batch_size, shuffle=True, seed=2, epoch=1)
+    # Every rank takes part in every step, with a share differing from the others' by at most one.
     assert len({len(r) for r in ranks}) == 1
-    assert len({sum(map(len, r)) for r in ranks}) == 1
-    # Concatenating the ranks' k-th batches gives the k-th global batch of the (wrapped) order.
+    for k in range(len(ranks[0])):
+        sizes = [len(ranks[r][k]) for r in range(world_size)]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    # Concatenating the ranks' k-th shares gives the single process's k-th batch: nothing padded or repeated.
     global_batches = [sum((ranks[r][k] for r in range(world_size)), []) for k in range(len(ranks[0]))]
-    order = [i for b in global_batches for i in b]
-    single = [i for b in seen(ds, per_rank * world_size, shuffle=True, seed=2, epoch=1) for i in b]
-    padded = len(order) - n
-    assert 0 <= padded < world_size
-    assert order == single + single[:padded]
-    if padded == 0:
-        assert global_batches == seen(ds, per_rank * world_size, shuffle=True, seed=2, epoch=1)
-        # Disjoint shares when nothing is padded.
-        shares = [set(i for b in r for i in b) for r in ranks]
-        assert sum(map(len, shares)) == n and set().union(*shares) == set(range(n))
+    dropped = len(single[-1]) < world_size
+    assert global_batches == (single[:-1] if dropped else single)
+    assert [len(b) for b in global_batches] == data.global_batch_sizes(n, batch_size, world_size)
+
+
+def test_batches_tail_smaller_than_world_is_dropped_only_when_distributed():
+    ds = index_dataset(33)  # batches of 8: four full, then 1 sample, fewer than 4 processes
+    assert data.global_batch_sizes(33, 8, 1) == [8, 8, 8, 8, 1]
+    assert data.global_batch_sizes(33, 8, 4) == [8, 8, 8, 8]
+    assert len(seen(ds, 8, shuffle=False, rank=3, world_size=4)) == 4
+
+
+def test_share_bounds_worked_example():
+    # 10 samples over 4 processes: 3, 3, 2, 2
+    assert [data.share_bounds(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+
+
+def test_shard_partitions_the_dataset_and_keeps_tensor_datasets():
+    ds = index_dataset(10)
+    shards = [data.shard(ds, r, 3) for r in range(3)]
+    assert all(isinstance(s, TensorDataset) for s in shards)
+    assert [int(y) for s in shards for _, y in s] == list(range(10))
+    assert data.shard(ds, 0, 1) is ds
+    wrapped = [data.shard(Wrapped(ds), r, 3) for r in range(3)]
+    assert [int(y) for s in wrapped for _, y in s] == list(range(10))
 
 
 def test_batches_drop_last_drops_the_short_global_batch():
     ds = index_dataset(50)
     assert [len(b) for b in seen(ds, 16, shuffle=True, drop_last=True)] == [16, 16, 16]
-    per_rank = [seen(ds, 8, shuffle=True, drop_last=True, rank=r, world_size=2) for r in range(2)]
+    per_rank = [seen(ds, 16, shuffle=True, drop_last=True, rank=r, world_size=2) for r in range(2)]
     assert [len(b) for b in per_rank[0]] == [8, 8, 8] == [len(b) for b in per_rank[1]]
 
 
 def test_batches_reject_bad_rank():
     with pytest.raises(ValueError):
         list(data.batches(index_dataset(4), 2, shuffle=False, rank=2, world_size=2))
+    with pytest.raises(ValueError, match="batch_size must be >= world_size"):
+        list(data.batches(index_dataset(4), 2, shuffle=False, rank=0, world_size=3))
 
 
 class Wrapped(Dataset):

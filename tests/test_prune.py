@@ -1,9 +1,10 @@
 import torch
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from compress.errors import RecipeError
 from compress.stages import State
-from compress.stages.prune import PruneConfig, Scope, magnitude_mask, run, round_targets
+from compress.stages.prune import PruneConfig, Scope, largest_masks, magnitude_mask, run, round_targets
 from compress.train import TrainConfig, Optimizer
 
 from tests.stage_helpers import TinyNet, tiny_context, tiny_data
@@ -21,6 +22,38 @@ def test_magnitude_mask_ties_go_to_lower_index_and_never_revive():
     keep = torch.tensor([False, True, True, True])
     big = torch.tensor([9.0, 1.0, 2.0, 3.0])
     assert magnitude_mask(big, 0.5, keep).tolist() == [False, False, True, True]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.integers(-4, 4), min_size=1, max_size=30), min_size=1, max_size=3),
+       st.floats(0, 1), st.integers(0, 2 ** 30))
+def test_largest_masks_is_a_stable_descending_sort(values, fraction, seed):
+    # small integers (signs included): many ties, which a stable sort breaks by position
+    weights = [torch.tensor(v, dtype=torch.float32) for v in values]
+    g = torch.Generator().manual_seed(seed)
+    keeps = [torch.rand(len(v), generator=g) < 0.7 if i % 2 else None for i, v in enumerate(values)]
+    n_keep = int(round(fraction * sum(map(len, values))))
+    score = torch.cat([torch.where(k, w.abs(), -1.0) if k is not None else w.abs() for w, k in zip(weights, keeps)])
+    order = torch.argsort(score.double(), descending=True, stable=True)
+    expected = torch.zeros(len(score), dtype=torch.bool)
+    expected[order[:n_keep]] = True
+    expected &= torch.cat([k if k is not None else torch.ones(len(w), dtype=torch.bool) for w, k in zip(weights, keeps)])
+    assert torch.equal(torch.cat(largest_masks(weights, keeps, n_keep)), expected)
+
+
+def test_global_scope_prunes_the_smallest_across_tensors(tmp_path):
+    model = TinyNet()
+    with torch.no_grad():
+        for i, p in enumerate(p for n, p in model.named_parameters() if n.endswith("weight")):
+            p.copy_(torch.arange(p.numel(), dtype=torch.float32).view_as(p) + 100_000 * i)  # tensor i all above i-1
+    state = State()
+    cfg = PruneConfig(sparsity=0.5, scope=Scope.GLOBAL, retrain=TrainConfig(epochs=0))
+    run(model, state, cfg, tiny_context(tmp_path))
+    n = {k: m.numel() for k, m in state.masks.items()}
+    kept = sum(int(m.sum()) for m in state.masks.values())
+    assert kept == sum(n.values()) - round(0.5 * sum(n.values()))
+    # conv (36 weights, smallest values) is pruned whole; fc2 (largest values) is kept whole
+    assert not state.masks["conv.weight"].any() and state.masks["fc2.weight"].all()
 
 
 def test_round_targets_shrink_density_geometrically():

@@ -108,3 +108,37 @@ def compress_decode(path):
     from compress import modelfile
 
     return modelfile.decode(path)
+
+
+def test_imagenet_recipe_runs_as_shipped_on_a_tiny_imagefolder(tmp_path):
+    """recipes/imagenet_resnet18.toml unchanged but for where the data and weights are, and sizes made tiny."""
+    import numpy as np
+    import torchvision
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("n01440764", "n01443537"):
+            (tmp_path / "imagenet" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(
+                    tmp_path / "imagenet" / split / c / f"{i}.JPEG", format="JPEG")
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"  # stands in for torchvision's ImageNet state_dict (2 classes here)
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), weights)
+    out = tmp_path / "run"
+    args = [str(ROOT / "recipes/imagenet_resnet18.toml"), "--out", str(out),
+            "--set", f"data.path={tmp_path / 'imagenet'}", "--set", f"model.checkpoint={weights}",
+            "--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "data.eval_batch_size=4",
+            "--set", "stages.prune.rounds=1", "--set", "stages.prune.retrain.epochs=1",
+            "--set", "stages.encode.compare=false", "--set", "run.threads=1"]
+    assert run_cli.main(args) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["bit_exact"] is True and r["baseline_accuracy"] is not None and r["final_accuracy"] is not None
+    assert [s["stage"] for s in r["stages"]] == ["baseline", "prune", "quantize", "encode"]
+    assert r["stages"][0]["method"] == "checkpoint"
+    state = torch.load(out / "stages" / "01-prune.pt", map_location="cpu", weights_only=True)
+    assert "conv1.weight" not in state["masks"]  # the stem is excluded from pruning, as the recipe says
+    fc = state["masks"]["fc.weight"]
+    assert (~fc).float().mean().item() == pytest.approx(0.8, abs=1 / fc.numel())
+    assert r["ratio"] > 4

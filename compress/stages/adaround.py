@@ -26,6 +26,19 @@ the floor or the ceiling of ``W/S`` on the grid, clipped to ``[qmin, qmax]``.
 Pruned weights have no choice to learn: they contribute nothing to the
 layer's output, stay exactly zero and are absent from the record.
 
+Several processes (torchrun): calibration is not spread. Every process runs the
+whole of it, the same way from the same seed, and the pipeline then gives all of
+them rank 0's records (``distributed.share_run_state``), so the wall time is that
+of one process. It stays single-process by design: each layer's problem takes
+its inputs from the already quantized layers before it, so layers cannot run in
+parallel, and within a layer a step is one batch of 32 samples through one layer,
+so splitting the batch over N processes would add an all-reduce of the layer's
+weight-sized gradient to every one of the 10k steps and cost more than it saves.
+Running it on every rank (rather than on rank 0 while the others wait) keeps the
+others out of a collective that could time out during hours of calibration. What
+it costs on a large model: ``python -m compress.bench adaround_cost`` (ResNet-18,
+figures in BENCHMARKS.md).
+
 Limitation: the activation is seen when it is an ``nn.ReLU`` module or a
 functional ``relu`` directly applied to the layer's output (through a folded
 BatchNorm's ``nn.Identity``), found with a ``torch.fx`` trace. When the model
@@ -578,7 +591,7 @@ def quantize_layer(model: nn.Module, fp_model: nn.Module, state: State, name: st
                            seed=seed)
         q = r.q
         mse = reconstruction_mse(layer, data, [nearest_w, r.weight], activation)
-        n_kept = max(int(mask.sum()), 1)
+        n_kept = max(int(mask.count_nonzero()), 1)
         undecided = ((r.soft > 0) & (r.soft < 1) & mask).sum()
         figures.update(flipped=int(((q != nearest) & mask).sum()) / n_kept, undecided=int(undecided) / n_kept,
                        cached=isinstance(data, CachedData))

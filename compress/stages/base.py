@@ -11,11 +11,12 @@ import fnmatch
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from compress import train
 from compress.errors import RecipeError, check
 from compress.record import TensorRecord
 
@@ -149,6 +150,18 @@ class Context:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def fit(self, model: nn.Module, cfg: train.TrainConfig, *, seed: int, desc: str,
+            params: Iterable[nn.Parameter] | None = None) -> list[float]:
+        """``train.fit`` on the run's data, device, global batch and process share."""
+        return train.fit(model, self.data, cfg, device=self.device, seed=seed, batch_size=self.recipe.data.batch_size,
+                         params=params, desc=desc, rank=self.rank, world_size=self.world_size)
+
+    def evaluate(self, model: nn.Module) -> float:
+        """Top-1 test accuracy (%), the test split shared among the processes; every rank must call it."""
+        batch = self.recipe.data.eval_batch_size if self.recipe is not None and self.recipe.data else 1000
+        return train.evaluate(model, self.data, device=self.device, batch_size=batch, rank=self.rank,
+                              world_size=self.world_size)
 
 
 def check_fraction(value: float | None, key: str) -> None:

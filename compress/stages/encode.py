@@ -11,11 +11,12 @@ import enum
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from torch import nn
 
-from compress import modelfile
+from compress import distributed, modelfile
 from compress.errors import RecipeError, check
 from compress.stages.base import Context, Selection, State, is_conv, register
 
@@ -73,14 +74,22 @@ def run(model: nn.Module, state: State, cfg: EncodeConfig, ctx: Context) -> dict
         raise RecipeError("stages.encode.include", f"{missing[0]!r} was quantized but is not selected for encoding")
     meta = {"model": ctx.recipe.model.name if ctx.recipe else "", modelfile.FOLDED_BN: "1" if state.folded_bn else "0"}
     path = ctx.run_dir / cfg.file
+    # rank 0 writes the file; the other processes get its figures (or its error)
+    result = distributed.on_main(lambda: write(path, model, state, cfg, widths, meta))
+    state.file = path
+    return result
+
+
+def write(path: Path, model: nn.Module, state: State, cfg: EncodeConfig, widths: dict[str, int | None],
+          meta: dict[str, str]) -> dict:
+    """Write the model file (and, with ``compare``, size it with the other coder); return the figures."""
     model_state = model.state_dict()
     stats, size = modelfile.save(path, model_state, state.records, coder=cfg.coder.value, gap_bits=widths,
                                  raw_dtype=cfg.raw_dtype.value, metadata=meta)
-    state.file = path
     result = {"file": cfg.file, "file_bytes": size, "coder": cfg.coder.value, "tensors": stats}
     if cfg.compare:
         other = Coder.NONE if cfg.coder is Coder.HUFFMAN else Coder.HUFFMAN
-        fd, tmp = tempfile.mkstemp(suffix=".dcz", dir=ctx.run_dir)
+        fd, tmp = tempfile.mkstemp(suffix=".dcz", dir=path.parent)
         os.close(fd)
         try:
             _, other_size = modelfile.save(tmp, model_state, state.records, coder=other.value, gap_bits=widths,

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress import distributed
 from compress import masks as masks_mod
-from compress import train
 from compress.errors import RecipeError, check
 from compress.kmeans1d import Init, kmeans_1d, sse
 from compress.record import Codebook, TensorRecord
@@ -89,6 +89,8 @@ def run(model: nn.Module, state: State, cfg: KMeansConfig, ctx: Context) -> dict
         mask = state.masks.get(name, (w != 0).cpu())
         state.masks[name] = mask
         state.records[name] = share(w, mask, tcfg.bits_for(model, name), tcfg.init, ctx.seed, tcfg.max_iter)
+    # every rank clustered the same weights; rank 0's codes and codebooks make sure they agree
+    state.records.update(distributed.broadcast_records({n: state.records[n] for n in chosen}))
     before = {name: sse(get_param(model, name).detach().cpu().numpy().reshape(-1)[r.positions],
                         r.table.values, r.codes) for name, r in ((n, state.records[n]) for n in chosen)}
     if cfg.finetune.epochs > 0:
@@ -111,13 +113,18 @@ def finetune(model: nn.Module, state: State, names: list[str], cfg: KMeansConfig
     shared = {n: SharedWeight(state.records[n].table.values, dense_codes(state.records[n]), state.masks[n].bool())
               for n in names}
     with masks_mod.parametrized(model, shared):
-        # The shared tensors' original weights get no gradient (forward ignores them), so the
-        # optimizer leaves them alone; with train_other everything else trains too.
-        params = list(model.parameters()) if cfg.train_other else [p.codebook for p in shared.values()]
-        train.fit(model, ctx.data, cfg.finetune, device=ctx.device, seed=ctx.seed + 7, params=params,
-                  batch_size=ctx.recipe.data.batch_size, desc="centroid fine-tuning",
-                  rank=ctx.rank, world_size=ctx.world_size)
+        # Forward ignores the shared tensors' original weights: freeze them, or DDP would wait for their gradients.
+        ignored = {id(parametrized_original(model, n)) for n in names}
+        trainable = [p for p in model.parameters() if id(p) not in ignored] if cfg.train_other \
+            else [p.codebook for p in shared.values()]
+        ctx.fit(model, cfg.finetune, seed=ctx.seed + 7, params=trainable, desc="centroid fine-tuning")
         for n, p in shared.items():
             old = state.records[n]
             state.records[n] = TensorRecord(old.shape, old.positions, old.codes,
                                             Codebook(p.codebook.detach().cpu().numpy()))
+
+
+def parametrized_original(model: nn.Module, name: str) -> nn.Parameter:
+    """The stored weight behind parametrized parameter ``name``."""
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name).parametrizations, attr).original

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress import masks as masks_mod
-from compress import quant, train
+from compress import quant
 from compress.errors import RecipeError, check
 from compress.fold import fold_for_quantization
 from compress.quant import Granularity, Grid, ScaleMethod
@@ -141,7 +141,7 @@ def run(model: nn.Module, state: State, cfg: LinearConfig, ctx: Context) -> dict
                                  qmin=g.qmin)
         state.records[name] = record
         dense = torch.from_numpy(record.to_dense()).to(w.device)
-        n_kept = max(int(mask.sum()), 1)
+        n_kept = max(int(mask.count_nonzero()), 1)
         mse = float(torch.where(mask, (w.detach().double() - dense.double()) ** 2, 0.0).sum()) / n_kept
         with torch.no_grad():
             w.copy_(dense)
@@ -160,6 +160,4 @@ def finetune(model: nn.Module, state: State, chosen: dict[str, LinearConfig], gr
         if name not in factories:
             factories[name] = masks_mod.Masked(mask)
     with masks_mod.parametrized(model, factories):
-        train.fit(model, ctx.data, cfg.finetune, device=ctx.device, seed=ctx.seed + 11,
-                  batch_size=ctx.recipe.data.batch_size, desc="quantization-aware training",
-                  rank=ctx.rank, world_size=ctx.world_size)
+        ctx.fit(model, cfg.finetune, seed=ctx.seed + 11, desc="quantization-aware training")
