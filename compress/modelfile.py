@@ -51,8 +51,7 @@ def decode(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         FormatError: the file is damaged, hostile or not a ``.dcz`` file.
     """
-    reader = container.Reader(path)
-    return {name: torch.from_numpy(np.array(reader.array(name))) for name in reader.names}
+    return {name: torch.from_numpy(np.array(a)) for name, a in container.Reader(path).arrays().items()}
 
 
 def metadata(path: str | Path) -> dict[str, str]:
