@@ -1,0 +1,52 @@
+"""Timing for the benchmarks: medians of interleaved runs, and the memory-copy floor measured beside them.
+
+The machine these run on is shared, so every figure is the median of several runs,
+and the functions compared are run in turn (a, b, floor, a, b, floor, ...) so that a
+burst of load from elsewhere falls on all of them alike. Threads are pinned to one
+(``one_thread``): the codec is single-threaded, and the floor must be too.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Pin torch to one thread while timing (numpy's element-wise work is single-threaded anyway)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of each function over ``repeat`` rounds, the functions taking turns in each round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    """``{"median_s", "min_s", "runs"}`` of some timings."""
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "runs": len(seconds)}
+
+
+def memory_copy(nbytes: int) -> Callable[[], None]:
+    """One plain copy of ``nbytes`` between two buffers already in memory: the floor of any decoder
+    that has to write that many bytes."""
+    src = np.ones(max(1, nbytes // 4), dtype=np.float32)
+    dst = np.zeros_like(src)  # both touched now, so the copy pays no page faults
+    return lambda: np.copyto(dst, src)
