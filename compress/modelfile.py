@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +50,8 @@ def decode(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         FormatError: the file is damaged, hostile or not a ``.dcz`` file.
     """
-    return {name: torch.from_numpy(np.array(a)) for name, a in container.Reader(path).arrays().items()}
+    # every array is freshly made by the reader (never a view of the file): no copy needed
+    return {name: torch.from_numpy(a) for name, a in container.Reader(path).arrays().items()}
 
 
 def metadata(path: str | Path) -> dict[str, str]:

@@ -28,20 +28,26 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
-    """Wall-clock seconds of each function over ``repeat`` rounds, the functions taking turns in each round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[tuple[float, float]]]:
+    """``(wall-clock, CPU)`` seconds of each function over ``repeat`` rounds, the functions taking turns.
+
+    CPU time (this process's) is the steadier figure on a loaded machine: a long run is more
+    often preempted than a short one, which inflates its wall-clock time more.
+    """
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     return times
 
 
-def summary(seconds: list[float]) -> dict[str, float]:
-    """``{"median_s", "min_s", "runs"}`` of some timings."""
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "runs": len(seconds)}
+def summary(times: list[tuple[float, float]]) -> dict[str, float]:
+    """``{"median_s", "min_s", "cpu_median_s", "runs"}`` of ``interleaved``'s timings."""
+    wall = [w for w, _ in times]
+    return {"median_s": statistics.median(wall), "min_s": min(wall),
+            "cpu_median_s": statistics.median(c for _, c in times), "runs": len(times)}
 
 
 def memory_copy(nbytes: int) -> Callable[[], None]:

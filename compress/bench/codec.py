@@ -2,9 +2,10 @@
 
     python -m compress.bench codec [--size tiny|full]
 
-Subjects: the LeNet models trained by the shipped recipes, read from their run folders
-(``artifacts/lenet300_fashion``, ``artifacts/lenet5_fashion``: ``model.dcz`` and the
-prune stage's checkpoint; made by ``python -m compress.run recipes/<name>.toml``), and a
+Subjects: the models trained by the quick-start and the LeNet recipes, read from their run
+folders (``artifacts/quickstart``, ``artifacts/lenet300_fashion``, ``artifacts/lenet5_fashion``:
+``model.dcz`` and the prune stage's checkpoint; made by ``python -m compress.run`` and
+``python -m compress.run recipes/<name>.toml``) when they exist, and a
 synthetic ResNet-18-sized model (``_synthetic.resnet18``: 11.7 M weights, 90 % pruned,
 5-bit sharing, from seed 0). At ``--size tiny`` a synthetic LeNet-300-100 stands in for
 all of them, labelled so.
@@ -41,7 +42,10 @@ from compress.bench import _synthetic, _timing
 from compress.codec import container, gaps, huffman
 from compress.kmeans1d import Init, kmeans_1d, kmeans_1d_optimal, sse
 
-RUNS = ("lenet300_fashion", "lenet5_fashion")  # run folders under artifacts/, made by recipes/<name>.toml
+# run folders under artifacts/ (trained models), and the command that makes each
+RUNS = {"quickstart": "python -m compress.run",
+        "lenet300_fashion": "python -m compress.run recipes/lenet300_fashion.toml",
+        "lenet5_fashion": "python -m compress.run recipes/lenet5_fashion.toml"}
 SAMPLE = {bench.Size.TINY: 2_000, bench.Size.FULL: 100_000}  # k-means values compared with the optimum
 REPEAT = {bench.Size.TINY: 3, bench.Size.FULL: 7}  # timed runs, medians reported
 
@@ -206,21 +210,26 @@ def speed(subject: Subject, repeat: int) -> dict:
             streams.append(huffman.Coded(lengths, bits.tobytes(), len(bits), int(symbols.size)))
     decoded = modelfile.decode(subject.path)
     for name, tensor in container.read(subject.path).items():  # what is timed must be right
-        if not np.array_equal(decoded[name].numpy().view(np.uint8), tensor.view(np.uint8)):
+        if not np.array_equal(decoded[name].numpy().reshape(-1).view(np.uint8), tensor.reshape(-1).view(np.uint8)):
             raise RuntimeError(f"modelfile.decode and container.read differ on {name}")
     with tempfile.TemporaryDirectory() as tmp, _timing.one_thread():
-        again = Path(tmp) / "again.dcz"
+        again, fixed = Path(tmp) / "again.dcz", Path(tmp) / "fixed.dcz"
+        container.write(fixed, tensors, coder="none")
         times = _timing.interleaved({
             "decode": lambda: modelfile.decode(subject.path),
+            "decode_fixed_width": lambda: modelfile.decode(fixed),
             "memory_copy": _timing.memory_copy(dense),
             "huffman_lanes": lambda: huffman.decode_many(streams, min_total=0),
             "huffman_sequential": lambda: huffman.decode_many(streams, min_symbols=1 << 62),
             "encode": lambda: container.write(again, tensors),
         }, repeat)
+        fixed_bytes = fixed.stat().st_size
     out = {name: _timing.summary(t) for name, t in times.items()}
     out["dense_bytes"] = dense
+    out["fixed_width_file_bytes"] = fixed_bytes
     out["huffman_symbols"] = sum(s.count for s in streams)
     out["decode_over_copy"] = out["decode"]["median_s"] / out["memory_copy"]["median_s"]
+    out["decode_over_copy_cpu"] = out["decode"]["cpu_median_s"] / out["memory_copy"]["cpu_median_s"]
     return out
 
 
@@ -229,7 +238,7 @@ def speed(subject: Subject, repeat: int) -> dict:
 
 @bench.register("codec")
 def codec(size: bench.Size, out: Path) -> bench.Result:
-    """Codec size and speed against their limits: entropy bounds, zlib/lzma/zstd, decode vs memcpy, k-means vs optimum."""
+    """Codec size and speed against their limits: entropy bounds, zlib/lzma, decode vs memcpy, k-means vs optimum."""
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         if size is bench.Size.TINY:
@@ -238,13 +247,12 @@ def codec(size: bench.Size, out: Path) -> bench.Result:
             subjects = [synthetic_subject(stand_in, Path(tmp))]
         else:
             subjects = []
-            for name in RUNS:
+            for name, command in RUNS.items():
                 run = Path("artifacts") / name
                 if (run / "model.dcz").is_file():
                     subjects.append(run_subject(run))
                 else:
-                    notes.append(f"No run folder {run}: its rows are missing "
-                                 f"(make it with `python -m compress.run recipes/{name}.toml`).")
+                    notes.append(f"No run folder {run}: its rows are missing (make it with `{command}`).")
             subjects.append(synthetic_subject(_synthetic.resnet18(), Path(tmp)))
         figures = {}
         for s in subjects:
@@ -260,7 +268,9 @@ def codec(size: bench.Size, out: Path) -> bench.Result:
         "Compressors: zlib level 9 and lzma preset 9 (Python's standard library) on the dense state "
         "(every tensor as float32, int64 buffers as int64), ratio = dense bytes / compressed bytes."
         + ("" if importlib.util.find_spec("zstandard") else " zstd: the `zstandard` module is not installed."),
-        f"Speed: wall-clock medians of {REPEAT[size]} interleaved runs, one thread; decode = "
+        f"Speed: medians of {REPEAT[size]} interleaved runs, one thread, wall-clock and CPU time of this "
+        "process (on a loaded machine the CPU figure is the steadier: a long run is preempted more often than "
+        "a short one, which inflates its wall-clock time more); decode = "
         "`compress.modelfile.decode` (file to float32 torch tensors, file read included); memory copy = "
         "`np.copyto` of the model's dense bytes between two buffers already in memory; Huffman only = the "
         "file's Huffman streams through `huffman.decode_many` (lanes) or bitarray's `canonical_decode` "
@@ -308,16 +318,22 @@ def tables(figures: dict, subjects: list[Subject]) -> list[tuple[str, str]]:
     out.append(("Our file against general-purpose compressors (bytes, ratio)", bench.table(
         ["model", "dense state", "dense B", "zlib -9", "lzma -9", "zstd -19", "our .dcz"], rows)))
     sp = figures["speed"]
-    ms = lambda k: f"{sp[k]['median_s'] * 1e3:.1f} ms"  # noqa: E731
+    copy = sp["memory_copy"]
+
+    def row(what: str, key: str) -> list[str]:
+        t = sp[key]
+        return [what, f"{t['median_s'] * 1e3:.1f} ms", f"{t['median_s'] / copy['median_s']:.1f}×",
+                f"{t['cpu_median_s'] * 1e3:.1f} ms", f"{t['cpu_median_s'] / copy['cpu_median_s']:.1f}×"]
+
     out.append((f"Speed ({sp['subject']})", bench.table(
-        ["what", "median", "÷ memory copy"],
-        [["decode, whole file to float32 tensors", ms("decode"), f"{sp['decode_over_copy']:.1f}×"],
-         [f"memory copy of {sp['dense_bytes'] / 1e6:.1f} MB", ms("memory_copy"), "1.0×"],
-         [f"Huffman streams only ({sp['huffman_symbols']:,} symbols), lanes", ms("huffman_lanes"),
-          f"{sp['huffman_lanes']['median_s'] / sp['memory_copy']['median_s']:.1f}×"],
-         ["Huffman streams only, bitarray sequential", ms("huffman_sequential"),
-          f"{sp['huffman_sequential']['median_s'] / sp['memory_copy']['median_s']:.1f}×"],
-         ["encode, whole file", ms("encode"), f"{sp['encode']['median_s'] / sp['memory_copy']['median_s']:.1f}×"]])))
+        ["what", "wall median", "÷ memory copy", "CPU median", "÷ memory copy (CPU)"],
+        [row("decode, whole file to float32 tensors", "decode"),
+         row(f"memory copy of {sp['dense_bytes'] / 1e6:.1f} MB", "memory_copy"),
+         row(f"decode, the same model coded at fixed width ({sp['fixed_width_file_bytes']:,} B, no Huffman)",
+             "decode_fixed_width"),
+         row(f"Huffman streams only ({sp['huffman_symbols']:,} symbols), lanes", "huffman_lanes"),
+         row("Huffman streams only, bitarray sequential", "huffman_sequential"),
+         row("encode, whole file (fsync included)", "encode")])))
     rows = []
     for s in subjects:
         for r in figures[s.name]["kmeans"]:

@@ -29,6 +29,7 @@ from compress.errors import FormatError
 MAX_LENGTH = 31  # bitarray's canonical decoder takes codes of at most 31 bits
 FIXED_CHUNK = 1 << 20  # values packed per numpy pass; a multiple of 8 keeps chunks byte-aligned
 LANE_MIN_SYMBOLS = 1 << 13  # shorter streams: bitarray's sequential decoder is cheaper than building tables
+LANE_MIN_TOTAL = 1 << 19  # fewer symbols in all: the lanes' fixed cost (about 100 numpy steps) does not pay
 LANE_STEPS = 96  # steps a lane is sized for: fewer make more lanes (more numpy work per call, fewer calls)
 LANE_OVERLAP = 128  # bits a lane decodes before its own, to fall into step with the true word boundaries
 MIN_LANE_BITS = 64  # longer than any step (31 bits), so only a stream's last lane can reach past its end
@@ -206,18 +207,20 @@ def decode(lengths: np.ndarray, bits: bitarray, count: int, field: str = "huffma
     return decode_many([Coded(np.asarray(lengths), bits.tobytes(), len(bits), count, field, offset)])[0]
 
 
-def decode_many(streams: Sequence[Coded], *, min_symbols: int = LANE_MIN_SYMBOLS, lane_steps: int = LANE_STEPS,
-                overlap: int = LANE_OVERLAP, budget: int | None = None) -> list[np.ndarray]:
+def decode_many(streams: Sequence[Coded], *, min_symbols: int = LANE_MIN_SYMBOLS, min_total: int = LANE_MIN_TOTAL,
+                lane_steps: int = LANE_STEPS, overlap: int = LANE_OVERLAP,
+                budget: int | None = None) -> list[np.ndarray]:
     """Decode several streams, each into exactly its ``count`` symbols using exactly its ``nbits`` bits.
 
-    Streams of ``min_symbols`` or more are decoded together in lanes (``decode_lanes``: numpy,
-    table-driven); shorter ones, and the rare long ones whose lanes do not fall into step, one
-    word after the other by bitarray (``decode_sequential``). Both give the same symbols and
-    refuse the same streams.
+    Streams of ``min_symbols`` or more, if they hold ``min_total`` symbols together, are decoded
+    together in lanes (``decode_lanes``: numpy, table-driven); the others, and the rare long ones
+    whose lanes do not fall into step, one word after the other by bitarray
+    (``decode_sequential``). Both give the same symbols and refuse the same streams.
 
     Args:
         streams: the streams.
-        min_symbols, lane_steps, overlap, budget: see ``decode_lanes`` (tests make them tiny).
+        min_symbols, min_total: which streams go to the lanes (tests make them 1 and 0).
+        lane_steps, overlap, budget: see ``decode_lanes``.
 
     Returns:
         Per stream its ``count`` symbols, each ``< len(lengths)``, of ``symbol_dtype(len(lengths))``.
@@ -228,6 +231,8 @@ def decode_many(streams: Sequence[Coded], *, min_symbols: int = LANE_MIN_SYMBOLS
     """
     out: list[np.ndarray | None] = []
     laned = []
+    long = [s.count >= min_symbols and s.lengths.size <= 1 << 16 for s in streams]
+    lanes = sum(s.count for s, is_long in zip(streams, long) if is_long) >= min_total
     for i, s in enumerate(streams):
         check_lengths(s.lengths, f"{s.field}.lengths", s.offset)
         used = np.flatnonzero(s.lengths)
@@ -243,7 +248,7 @@ def decode_many(streams: Sequence[Coded], *, min_symbols: int = LANE_MIN_SYMBOLS
             if s.nbits != s.count or s.bits().any():
                 raise FormatError(s.field, s.offset, f"stream does not decode to {s.count} symbols")
             out.append(np.full(s.count, used[0], dtype=symbol_dtype(s.lengths.size)))
-        elif s.count >= min_symbols and s.lengths.size <= 1 << 16:
+        elif long[i] and lanes:
             out.append(None)
             laned.append(i)
         else:
@@ -274,17 +279,15 @@ def decode_sequential(stream: Coded) -> np.ndarray:
 
 
 class _Code:
-    """A canonical code prepared for decoding several words per table look-up.
+    """A canonical code prepared for decoding.
 
     ``order`` lists the used symbols by ``(length, symbol)`` and ``lengths`` their code
     lengths; word ``i``, left-justified to ``maxlen`` bits, starts at ``starts[i]`` (the
-    running Kraft sum), so a binary search in ``starts`` decodes any word. The table, indexed
-    by the next ``table_bits`` bits, holds the whole words found there (at most ``slots``):
-    ``info = bits | words << 8``, 0 where the first word is longer than the table, and the
-    symbols packed ``slot_bits`` apiece in ``packed``, the first lowest.
+    running Kraft sum), so a binary search in ``starts`` decodes any word. Its look-up table
+    (``_tables``) is indexed by the next ``table_bits`` bits.
     """
 
-    def __init__(self, lengths: np.ndarray, table_bits: int, slot_bits: int, slots: int):
+    def __init__(self, lengths: np.ndarray, table_bits: int):
         lengths = np.asarray(lengths, dtype=np.int64)
         used = np.flatnonzero(lengths)
         self.symbol_lengths = lengths
@@ -293,37 +296,60 @@ class _Code:
         self.maxlen = int(self.lengths[-1])
         self.starts = np.concatenate([[0], np.cumsum(np.left_shift(1, self.maxlen - self.lengths))[:-1]])
         self.step = int(np.gcd.reduce(self.lengths))  # every word boundary is a multiple of it
-        self.table_bits = t = table_bits
-        short = self.lengths <= t
-        span = np.left_shift(1, t - self.lengths[short])  # table entries that start with each short word
-        free = (1 << t) - int(span.sum())  # entries that start with a longer word
-        self.has_long = free > 0
-        packed_type = np.dtype(f"<u{slots * slot_bits // 8}")
-        first_length = np.concatenate([np.repeat(self.lengths[short], span), np.zeros(free, np.int64)]
-                                      ).astype(np.uint32)
-        first_symbol = np.concatenate([np.repeat(self.order[short], span), np.zeros(free, np.int64)]
-                                      ).astype(packed_type)
-        window = np.arange(1 << t, dtype=np.uint32)
-        taken, packed = first_length.copy(), first_symbol.copy()
-        alive = taken > 0
-        words = alive.astype(np.uint16)
-        for q in range(1, slots):
-            rest = (window << taken) & np.uint32((1 << t) - 1)  # the bits after the words taken, zeros past the table
-            length = first_length[rest]
-            alive &= (length > 0) & (taken + length <= t)
-            if not alive.any():
-                break
-            packed |= np.where(alive, first_symbol[rest], 0).astype(packed_type) << packed_type.type(q * slot_bits)
-            words += alive
-            taken += np.where(alive, length, 0).astype(np.uint32)
-        self.info = (taken | words << 8).astype(np.uint16)
-        self.packed = packed
-        self.step_bits = float(np.where(taken > 0, taken, self.maxlen).mean())  # bits per step on random bits
+        self.table_bits = table_bits
+        self.short = self.lengths <= table_bits  # the words a look-up can find
+        self.span = np.left_shift(1, table_bits - self.lengths[self.short])  # table entries that start with each
+        self.has_long = int(self.span.sum()) < 1 << table_bits
 
 
-def _table_bits(nbits: int) -> int:
-    """Bits of look-up for a stream: bigger streams earn bigger tables (more words per step)."""
-    return min(TABLE_BITS[1], max(TABLE_BITS[0], nbits.bit_length() - TABLE_SHRINK))
+def _tables(codes: list[_Code], slot_bits: int, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The look-up tables of several codes, one after the other in joint arrays.
+
+    Entry ``v`` of a code's table holds the whole words that the ``table_bits`` bits ``v``
+    begin with (at most ``slots``): ``info = bits | words << 8`` (0 where the first word is
+    longer than the table) and the symbols packed ``slot_bits`` apiece in ``packed``, the first
+    lowest. Built for all codes at once: a few numpy passes over the joint table.
+
+    Returns:
+        ``(info, packed, bits_per_step)``: the joint tables and, per code, the bits a step takes
+        on random bits (the average over its table, a long word counted at its code's longest).
+    """
+    size = np.array([1 << c.table_bits for c in codes])
+    at = np.cumsum(size) - size
+    # the first word of every entry: short words by canonical order, then a gap for the longer ones
+    zero = np.zeros(1, dtype=np.int64)
+    span = np.concatenate([a for n, c in zip(size, codes) for a in (c.span, [n - c.span.sum()])])
+    first_length = np.repeat(np.concatenate([a for c in codes for a in (c.lengths[c.short], zero)]),
+                             span).astype(np.uint32)
+    packed_type = np.dtype(f"<u{slots * slot_bits // 8}")
+    first_symbol = np.repeat(np.concatenate([a for c in codes for a in (c.order[c.short], zero)]),
+                             span).astype(packed_type)
+    base = np.repeat(at, size)  # where each entry's own table begins
+    window = (np.arange(int(size.sum())) - base).astype(np.uint32)
+    bits = np.repeat(np.array([c.table_bits for c in codes], dtype=np.uint32), size)
+    mask = (np.uint32(1) << bits) - np.uint32(1)
+    taken, packed = first_length.copy(), first_symbol.copy()
+    alive = taken > 0
+    words = alive.astype(np.uint16)
+    for q in range(1, slots):
+        rest = ((window << taken) & mask) + base  # the bits after the words taken (zeros past the table)
+        length = first_length[rest]
+        alive &= (length > 0) & (taken + length <= bits)
+        if not alive.any():
+            break
+        packed |= np.where(alive, first_symbol[rest], 0).astype(packed_type) << packed_type.type(q * slot_bits)
+        words += alive
+        taken += np.where(alive, length, 0).astype(np.uint32)
+    longest = np.repeat(np.array([c.maxlen for c in codes], dtype=np.uint32), size)
+    per_step = np.add.reduceat(np.where(taken > 0, taken, longest), at) / size
+    return (taken | words << 8).astype(np.uint16), packed, per_step
+
+
+def _table_bits(nbits: int, maxlen: int) -> int:
+    """Bits of look-up for a stream: bigger streams earn bigger tables (more words per step), and one
+    that holds its longest word (no binary searches) where that costs at most an eighth of its bits."""
+    size = nbits.bit_length()
+    return min(TABLE_BITS[1], max(TABLE_BITS[0], size - TABLE_SHRINK, min(maxlen, size - 3)))
 
 
 def _words(data: bytes, pad_bytes: int) -> np.ndarray:
@@ -377,27 +403,35 @@ class _Lanes:
         self.streams = streams
         self.slot_bits = 8 if all(s.lengths.size <= 1 << 8 for s in streams) else 16
         self.slots = min(SLOTS, 64 // self.slot_bits)
-        codes = [_Code(s.lengths, _table_bits(s.nbits), self.slot_bits, self.slots) for s in streams]
+        codes = [_Code(s.lengths, _table_bits(s.nbits, int(np.max(s.lengths)))) for s in streams]
         self.codes = codes
+        self.info_table, self.packed_table, step_bits = _tables(codes, self.slot_bits, self.slots)
         data = [s.data if len(s.data) == (s.nbits + 7) // 8 else bytes(s.data[:(s.nbits + 7) // 8]) for s in streams]
-        base = 8 * np.cumsum([0] + [len(d) for d in data[:-1]])  # each stream's first bit in the joint bytes
-        lanes, tables, symbols = [], 0, 0
-        for i, (s, c) in enumerate(zip(streams, codes)):
-            g = c.step
-            n = max(1, int(s.nbits // max(MIN_LANE_BITS, lane_steps * c.step_bits)))
-            own = base[i] + g * ((np.arange(n, dtype=np.int64) * s.nbits) // (n * g))  # multiples of g, spread evenly
-            start = np.maximum(own - -(-overlap // g) * g, base[i])
-            end = np.append(own[1:], base[i] + s.nbits)
-            lanes.append(np.stack(np.broadcast_arrays(
-                i, start, end, own == base[i], 64 - c.table_bits, tables, 64 - c.maxlen, i << 32, symbols)))
-            tables += c.info.size
-            symbols += c.symbol_lengths.size
-        (self.stream, self.start, self.end, self.first, drop, self.table_at, long_drop, self.key,
-         self.symbol_at) = np.concatenate(lanes, axis=1)
-        self.first = self.first.astype(bool)
-        self.drop, self.long_drop = drop.astype(np.uint64), long_drop.astype(np.uint64)
-        self.info_table = np.concatenate([c.info for c in codes])
-        self.packed_table = np.concatenate([c.packed for c in codes])
+        # per stream: its first bit in the joint bytes, its bits, the lengths' common divisor, its lanes
+        base = 8 * np.cumsum([0] + [len(d) for d in data[:-1]])
+        nbits = np.array([s.nbits for s in streams])
+        g = np.array([c.step for c in codes])
+        count = np.maximum(1, nbits // np.maximum(MIN_LANE_BITS, lane_steps * step_bits)).astype(np.int64)
+
+        def per_lane(values) -> np.ndarray:  # a value per stream, repeated for each of its lanes
+            return np.repeat(np.asarray(values, dtype=np.int64), count)
+
+        self.stream = per_lane(np.arange(len(streams)))
+        k = np.arange(int(count.sum())) - per_lane(np.cumsum(count) - count)  # the lane's index in its stream
+        nb, gl, b = per_lane(nbits), per_lane(g), per_lane(base)
+        own = b + gl * ((k * nb) // (per_lane(count) * gl))  # multiples of g, spread evenly
+        self.first = k == 0
+        self.start = np.maximum(own - gl * -(-overlap // gl), b)
+        self.end = np.append(own[1:], 0)
+        last = np.append(self.first[1:], True)  # a stream's last lane ends where its bits do
+        self.end[last] = (b + nb)[last]
+        table_bits = np.array([c.table_bits for c in codes])
+        self.drop = per_lane(64 - table_bits).astype(np.uint64)
+        self.table_at = per_lane(np.cumsum(1 << table_bits) - (1 << table_bits))
+        self.long_drop = per_lane([64 - c.maxlen for c in codes]).astype(np.uint64)
+        self.key = self.stream << 32
+        alphabet = np.array([c.symbol_lengths.size for c in codes])
+        self.symbol_at = per_lane(np.cumsum(alphabet) - alphabet)
         self.symbol_length = np.concatenate([c.symbol_lengths for c in codes])
         self.long_starts = np.concatenate([c.starts + (i << 32) for i, c in enumerate(codes)])
         self.long_lengths = np.concatenate([c.lengths for c in codes])
@@ -602,7 +636,8 @@ class _Lanes:
         masks = ranges.reshape(width * width, self.slots).view(f"<u{self.slots}").reshape(-1)
         mask = masks[key].view(bool).reshape(-1)
         data = self.packed.T.copy().view(f"<u{self.slot_bits // 8}").reshape(-1)
-        return np.count_nonzero(mask.reshape(hi.shape[1], -1), axis=1), np.compress(mask, data)
+        counts = hi.sum(axis=0, dtype=np.int64) - lo.sum(axis=0, dtype=np.int64)
+        return counts, np.compress(mask, data)
 
 
 # --- fixed-width streams --------------------------------------------------------------------------------

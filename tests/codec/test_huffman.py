@@ -143,8 +143,8 @@ def test_fixed_width_unpack_rejects_wrong_bit_count():
 
 # --- the lane decoder (decode_many): the same symbols and the same refusals as the sequential one ---------
 
-TINY_LANES = st.fixed_dictionaries({"min_symbols": st.just(1), "lane_steps": st.integers(1, 12),
-                                    "overlap": st.integers(0, 48)})
+TINY_LANES = st.fixed_dictionaries({"min_symbols": st.just(1), "min_total": st.just(0),
+                                    "lane_steps": st.integers(1, 12), "overlap": st.integers(0, 48)})
 
 
 def complete_lengths(splits: list[int], max_length: int = huffman.MAX_LENGTH) -> np.ndarray:
@@ -202,7 +202,8 @@ def test_huffman_decode_many_31_bit_words_and_equal_lengths_in_lanes():
     flat = np.full(32, 5, np.uint8)  # a fixed-width code: lanes start at multiples of 5 bits
     for lengths in (deep, flat):
         symbols = rng.integers(0, lengths.size, 5000)
-        [out] = huffman.decode_many([coded(lengths, symbols)], min_symbols=1, lane_steps=3, overlap=0)
+        [out] = huffman.decode_many([coded(lengths, symbols)], min_symbols=1, min_total=0, lane_steps=3,
+                                      overlap=0)
         np.testing.assert_array_equal(out, symbols)
 
 
@@ -245,13 +246,13 @@ def test_huffman_decode_many_batch_equals_one_by_one_and_names_the_bad_stream():
         symbols = rng.geometric(0.3, n) % alphabet  # skewed: long words in the tail
         lengths, bits = huffman.encode(symbols, alphabet)
         streams.append((symbols, huffman.Coded(lengths, bits.tobytes(), len(bits), n, f"t{alphabet}", alphabet)))
-    decoded = huffman.decode_many([s for _, s in streams])
+    decoded = huffman.decode_many([s for _, s in streams], min_total=0)
     for (symbols, _), out in zip(streams, decoded):
         np.testing.assert_array_equal(out, symbols)
     symbols, bad = streams[1]
     cut = huffman.Coded(bad.lengths, bad.data, bad.nbits - 1, bad.count, bad.field, bad.offset)
     with pytest.raises(FormatError) as err:
-        huffman.decode_many([streams[0][1], cut, streams[2][1]])
+        huffman.decode_many([streams[0][1], cut, streams[2][1]], min_total=0)
     assert err.value.field == "t8" and err.value.offset == 8
 
 
@@ -262,7 +263,7 @@ def test_huffman_decode_many_out_of_budget_lanes_fall_back_to_sequential():
     stream = coded(lengths, symbols)
     [lanes] = huffman.decode_lanes([stream], lane_steps=2, overlap=0, budget=0)
     assert lanes is None  # some lane needed a repair, and none was allowed
-    [out] = huffman.decode_many([stream], min_symbols=1, lane_steps=2, overlap=0, budget=0)
+    [out] = huffman.decode_many([stream], min_symbols=1, min_total=0, lane_steps=2, overlap=0, budget=0)
     np.testing.assert_array_equal(out, symbols)
 
 
