@@ -50,9 +50,16 @@ def summary(times: list[tuple[float, float]]) -> dict[str, float]:
             "cpu_median_s": statistics.median(c for _, c in times), "runs": len(times)}
 
 
-def memory_copy(nbytes: int) -> Callable[[], None]:
-    """One plain copy of ``nbytes`` between two buffers already in memory: the floor of any decoder
-    that has to write that many bytes."""
+def memory_copy(nbytes: int, fresh: bool = True) -> Callable[[], Any]:
+    """One plain copy of ``nbytes``: the floor of any decoder that has to write that many bytes.
+
+    Args:
+        fresh: copy into a new buffer (``src.copy()``: allocation and first-touch page faults
+            included, as a decoder's output pays them); else into a buffer already in memory
+            (``np.copyto``: the bare bandwidth, a stricter floor).
+    """
     src = np.ones(max(1, nbytes // 4), dtype=np.float32)
-    dst = np.zeros_like(src)  # both touched now, so the copy pays no page faults
+    if fresh:
+        return src.copy
+    dst = np.zeros_like(src)  # touched now, so the copy pays no page faults
     return lambda: np.copyto(dst, src)

@@ -100,7 +100,7 @@ def scaling(size: bench.Size, out: Path) -> bench.Result:
                "record (fsync included); decode = `container.read` (file to a dense float32 array, file read "
                "included); "
                "k-means = `kmeans_1d` on the kept weights (Lloyd, linear init, k = 32, to convergence); memory "
-               "copy = `np.copyto` of the dense float32 bytes. Slope: least-squares fit of log time on log "
+               "copy = `src.copy()` of the dense float32 bytes (a new buffer, as the decoder's output). Slope: least-squares fit of log time on log "
                "weights. Decoding switches from bitarray's sequential decoder to the numpy lanes once a file "
                f"holds {huffman.LANE_MIN_TOTAL:,} Huffman symbols or more (last column)."],
         files=["scaling.png"])
