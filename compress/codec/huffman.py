@@ -30,6 +30,7 @@ MAX_LENGTH = 31  # bitarray's canonical decoder takes codes of at most 31 bits
 FIXED_CHUNK = 1 << 20  # values packed per numpy pass; a multiple of 8 keeps chunks byte-aligned
 LANE_MIN_SYMBOLS = 1 << 13  # shorter streams: bitarray's sequential decoder is cheaper than building tables
 LANE_MIN_TOTAL = 1 << 19  # fewer symbols in all: the lanes' fixed cost (about 100 numpy steps) does not pay
+LANE_MAX_BITS = 1 << 24  # bits in one batch of lanes: their memory is at most ~150 bytes a stream byte
 LANE_STEPS = 96  # steps a lane is sized for: fewer make more lanes (more numpy work per call, fewer calls)
 LANE_OVERLAP = 128  # bits a lane decodes before its own, to fall into step with the true word boundaries
 MIN_LANE_BITS = 64  # longer than any step (31 bits), so only a stream's last lane can reach past its end
@@ -212,9 +213,10 @@ def decode_many(streams: Sequence[Coded], *, min_symbols: int = LANE_MIN_SYMBOLS
                 budget: int | None = None) -> list[np.ndarray]:
     """Decode several streams, each into exactly its ``count`` symbols using exactly its ``nbits`` bits.
 
-    Streams of ``min_symbols`` or more, if they hold ``min_total`` symbols together, are decoded
-    together in lanes (``decode_lanes``: numpy, table-driven); the others, and the rare long ones
-    whose lanes do not fall into step, one word after the other by bitarray
+    Streams of ``min_symbols`` or more (and at most ``LANE_MAX_BITS`` bits), if they hold
+    ``min_total`` symbols together, are decoded together in lanes (``decode_lanes``: numpy,
+    table-driven), in batches of at most ``LANE_MAX_BITS`` bits; the others, and the rare long
+    ones whose lanes do not fall into step, one word after the other by bitarray
     (``decode_sequential``). Both give the same symbols and refuse the same streams.
 
     Args:
@@ -226,13 +228,13 @@ def decode_many(streams: Sequence[Coded], *, min_symbols: int = LANE_MIN_SYMBOLS
         Per stream its ``count`` symbols, each ``< len(lengths)``, of ``symbol_dtype(len(lengths))``.
 
     Raises:
-        FormatError: for the first stream (in the order given) with bad lengths, invalid code
+        FormatError: naming a stream (its field and offset) with bad lengths, invalid code
             words, or not exactly ``count`` symbols in exactly ``nbits`` bits.
     """
     out: list[np.ndarray | None] = []
     laned = []
-    long = [s.count >= min_symbols and s.lengths.size <= 1 << 16 for s in streams]
-    lanes = sum(s.count for s, is_long in zip(streams, long) if is_long) >= min_total
+    eligible = [min_symbols <= s.count and s.nbits <= LANE_MAX_BITS and s.lengths.size <= 1 << 16 for s in streams]
+    lanes = sum(s.count for s, e in zip(streams, eligible) if e) >= min_total
     for i, s in enumerate(streams):
         check_lengths(s.lengths, f"{s.field}.lengths", s.offset)
         used = np.flatnonzero(s.lengths)
@@ -248,14 +250,18 @@ def decode_many(streams: Sequence[Coded], *, min_symbols: int = LANE_MIN_SYMBOLS
             if s.nbits != s.count or s.bits().any():
                 raise FormatError(s.field, s.offset, f"stream does not decode to {s.count} symbols")
             out.append(np.full(s.count, used[0], dtype=symbol_dtype(s.lengths.size)))
-        elif long[i] and lanes:
+        elif eligible[i] and lanes:
             out.append(None)
             laned.append(i)
         else:
             out.append(decode_sequential(s))
-    if laned:
-        decoded = decode_lanes([streams[i] for i in laned], lane_steps=lane_steps, overlap=overlap, budget=budget)
-        for i, symbols in zip(laned, decoded):
+    while laned:  # in batches of at most LANE_MAX_BITS
+        batch, bits = [], 0
+        while laned and bits + streams[laned[0]].nbits <= LANE_MAX_BITS:
+            bits += streams[laned[0]].nbits
+            batch.append(laned.pop(0))
+        decoded = decode_lanes([streams[i] for i in batch], lane_steps=lane_steps, overlap=overlap, budget=budget)
+        for i, symbols in zip(batch, decoded):
             out[i] = symbols if symbols is not None else decode_sequential(streams[i])
     return out
 
@@ -380,9 +386,12 @@ def decode_lanes(streams: Sequence[Coded], *, lane_steps: int = LANE_STEPS, over
     has not is redone one word at a time from there until it meets its own path (rare).
     Lanes start at multiples of the lengths' common divisor, so equal-length codes are in step.
 
+    Memory: tens of bytes per step of a lane, a step taking 4 to 31 bits; at most about 150
+    bytes per byte of stream (streams of 1-bit words), about 20 on the synthetic ResNet-18's.
+
     Args:
         streams: valid codes (``check_lengths``) of two or more used symbols and alphabets of at
-            most 65536 symbols, ``1 <= count <= nbits``.
+            most 65536 symbols, ``1 <= count <= nbits``, fewer than 2**31 bits in all.
         lane_steps: the steps a lane is sized for.
         overlap: bits a lane decodes before its own.
         budget: words at most redone one at a time per stream (default: ``count // 64 + 256``).
@@ -454,10 +463,10 @@ class _Lanes:
         """Step every lane until each has passed its end; rows of ``ends`` / ``info`` / ``packed`` per step."""
         cur = self.start
         lanes = cur.size
-        ends = np.empty((self.rows, lanes), dtype=np.int64)
+        ends = np.empty((self.rows, lanes), dtype=np.int32)  # a batch holds fewer than 2**31 bits
         info = np.empty((self.rows, lanes), dtype=np.uint16)
         packed = np.empty((self.rows, lanes), dtype=self.packed_table.dtype)
-        index, taken = np.empty(lanes, dtype=np.int64), np.empty(lanes, dtype=np.int64)
+        index, taken = np.empty(lanes, dtype=np.int64), np.empty(lanes, dtype=np.int32)
         window, shift = np.empty(lanes, dtype=np.uint64), np.empty(lanes, dtype=np.uint64)
         entry = window.view(np.int64)  # the window is < 2**16: the same bits index the joint table
         s = 0
@@ -532,6 +541,8 @@ class _Lanes:
     # --- lanes redone one word at a time, and the words gathered ---
 
     def repair_and_gather(self, budget: int | None) -> list[np.ndarray | None]:
+        """Each stream's symbols, its lanes repaired where needed and checked: exactly ``count``
+        words, the last ending exactly at ``nbits``; None for a stream over its repair budget."""
         prefixes: dict[int, list[int]] = {}
         failed = set()
         bad = np.flatnonzero(~self.joined)

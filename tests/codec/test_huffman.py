@@ -280,3 +280,21 @@ def test_huffman_decode_many_of_a_hostile_count_allocates_nothing():
     lengths = np.array([1, 1], np.uint8)
     with pytest.raises(FormatError, match="cannot fit"):
         huffman.decode_many([huffman.Coded(lengths, b"\x55", 8, 2 ** 60)], min_symbols=1)
+
+
+def test_huffman_decode_many_splits_batches_and_sends_huge_streams_to_bitarray(monkeypatch):
+    rng = np.random.default_rng(3)
+    streams = []
+    for n in (3000, 9000, 4000, 2500):
+        symbols = rng.geometric(0.2, n) % 40
+        lengths, bits = huffman.encode(symbols, 40)
+        streams.append((symbols, huffman.Coded(lengths, bits.tobytes(), len(bits), n)))
+    # batches of at most 20,000 bits: the 9,000-symbol stream (about 27,000 bits) is decoded alone by bitarray
+    monkeypatch.setattr(huffman, "LANE_MAX_BITS", 20_000)
+    calls = []
+    lanes = huffman.decode_lanes
+    monkeypatch.setattr(huffman, "decode_lanes", lambda batch, **kw: calls.append(len(batch)) or lanes(batch, **kw))
+    decoded = huffman.decode_many([s for _, s in streams], min_symbols=1, min_total=0)
+    for (symbols, _), out in zip(streams, decoded):
+        np.testing.assert_array_equal(out, symbols)
+    assert sum(calls) == 3 and len(calls) >= 2
