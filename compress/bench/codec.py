@@ -47,7 +47,7 @@ RUNS = {"quickstart": "python -m compress.run",
         "lenet300_fashion": "python -m compress.run recipes/lenet300_fashion.toml",
         "lenet5_fashion": "python -m compress.run recipes/lenet5_fashion.toml"}
 SAMPLE = {bench.Size.TINY: 2_000, bench.Size.FULL: 100_000}  # k-means values compared with the optimum
-REPEAT = {bench.Size.TINY: 3, bench.Size.FULL: 7}  # timed runs, medians reported
+REPEAT = {bench.Size.TINY: 3, bench.Size.FULL: 15}  # timed runs, medians reported
 
 
 @dataclass
