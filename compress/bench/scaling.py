@@ -96,11 +96,11 @@ def scaling(size: bench.Size, out: Path) -> bench.Result:
             ["weights", "kept", "file B", "encode", "decode", "k-means (kept, k=32)", "memory copy",
              "decode ÷ copy", "decode ÷ copy (CPU)", "Huffman decoder"], table_rows))],
         notes=[f"Wall-clock medians of {REPEAT[size]} interleaved runs, one thread (and the CPU-time ratio of "
-               "decode to copy, steadier on a loaded machine). Encode = `container.write` of the "
-               "record (fsync included); decode = `container.read` (file to a dense float32 array, file read "
-               "included); "
+               "decode to copy, steadier on a loaded machine). Encode = `container.write` of the record (fsync "
+               "included); decode = `container.read` (file to a dense float32 array, file read included); "
                "k-means = `kmeans_1d` on the kept weights (Lloyd, linear init, k = 32, to convergence); memory "
-               "copy = `src.copy()` of the dense float32 bytes (a new buffer, as the decoder's output). Slope: least-squares fit of log time on log "
-               "weights. Decoding switches from bitarray's sequential decoder to the numpy lanes once a file "
-               f"holds {huffman.LANE_MIN_TOTAL:,} Huffman symbols or more (last column)."],
+               "copy = `src.copy()` of the dense float32 bytes (a new buffer, as the decoder's output). Slope: "
+               "least-squares fit of log time on log weights. Decoding switches from bitarray's sequential "
+               f"decoder to the numpy lanes once a file holds {huffman.LANE_MIN_TOTAL:,} Huffman symbols or more "
+               "(last column)."],
         files=["scaling.png"])
