@@ -1,9 +1,11 @@
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from compress.kmeans1d import Init, kmeans_1d, nearest, sse
+from compress.kmeans1d import Init, kmeans_1d, kmeans_1d_optimal, nearest, sse
 
 
 def test_kmeans_1d_separates_obvious_clusters():
@@ -57,3 +59,41 @@ def test_kmeans_1d_is_deterministic_for_random_init():
     a = kmeans_1d(x, 16, Init.RANDOM, seed=7)
     b = kmeans_1d(x, 16, Init.RANDOM, seed=7)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def brute_force_sse(values: np.ndarray, k: int) -> float:
+    """The least SSE over every split of the sorted values into min(k, distinct) runs."""
+    xs = np.sort(values)
+    k = min(k, np.unique(xs).size)
+    best = np.inf
+    for cuts in itertools.combinations(range(1, xs.size), k - 1):
+        bounds = [0, *cuts, xs.size]
+        best = min(best, sum(float(((xs[a:b] - xs[a:b].mean()) ** 2).sum()) for a, b in zip(bounds, bounds[1:])))
+    return best
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=hnp.arrays(np.float64, st.integers(1, 9), elements=st.sampled_from([-2.0, -0.5, 0.0, 0.25, 1.0, 3.0])
+                         | st.floats(-4, 4)), k=st.integers(1, 5))
+def test_kmeans_1d_optimal_matches_brute_force(values, k):
+    centroids, codes = kmeans_1d_optimal(values, k)
+    assert centroids.size == min(k, np.unique(values).size) and np.all(np.diff(centroids) > 0)
+    for c in range(centroids.size):  # each centroid is the mean of its cluster
+        np.testing.assert_allclose(centroids[c], values[codes == c].mean(), rtol=1e-12, atol=1e-12)
+    assert sse(values, centroids, codes) == pytest.approx(brute_force_sse(values, k), rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=hnp.arrays(np.float32, st.integers(1, 2000), elements=st.floats(-4, 4, width=32)),
+       bits=st.integers(1, 5), init=st.sampled_from(list(Init)))
+def test_kmeans_1d_lloyd_never_beats_the_optimum(values, bits, init):
+    c_opt, k_opt = kmeans_1d_optimal(values, 2 ** bits)
+    c, codes = kmeans_1d(values, 2 ** bits, init, seed=2)
+    assert sse(values, c, codes) >= sse(values, c_opt, k_opt) * (1 - 1e-9) - 1e-9
+
+
+def test_kmeans_1d_optimal_worked_example():
+    # {0, 1, 2} {10, 11} {30}: two gaps far wider than the runs
+    centroids, codes = kmeans_1d_optimal(np.array([11.0, 0.0, 30.0, 2.0, 10.0, 1.0]), 3)
+    np.testing.assert_allclose(centroids, [1.0, 10.5, 30.0])
+    assert codes.tolist() == [1, 0, 2, 0, 1, 0]

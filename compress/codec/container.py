@@ -18,7 +18,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 from bitarray import bitarray
@@ -502,29 +502,53 @@ class Reader:
         Raises:
             FormatError: the tensor is raw, or its payload is damaged or inconsistent.
         """
+        return self.records([name])[name]
+
+    def records(self, names: Iterable[str]) -> dict[str, TensorRecord]:
+        """Decode sparse tensors to their records, all their Huffman streams in one batch
+        (``huffman.decode_many``: many streams decode much faster together than one by one).
+
+        Raises:
+            FormatError: a tensor is raw, or its payload is damaged or inconsistent.
+        """
+        batch: list[huffman.Coded] = []
+        streams: dict[str, list[int | np.ndarray]] = {}  # per tensor: codes, gap symbols (or their place in batch)
+        for name in names:
+            e = self._entries[name]
+            i = e.info
+            f = self._field(name)
+            if i.encoding == "raw":
+                raise FormatError(f, i.offset, "is stored raw: it has no record")
+            self._check_crc(e)
+            streams[name] = []
+            for field, s, coder, lengths, count, width in (
+                    ("code_stream", i.streams[0], i.code_coder, e.code_lengths, i.n_kept, i.code_bits),
+                    ("gap_stream", i.streams[1], i.gap_coder, e.gap_lengths, i.n_gap_symbols, i.gap_bits)):
+                if coder == "huffman":
+                    streams[name].append(len(batch))
+                    batch.append(huffman.Coded(lengths, self._payload(s, f"{f}.{field}"), s.nbits, count,
+                                               f"{f}.{field}", s.offset))
+                else:
+                    streams[name].append(huffman.unpack_fixed(self._bits(s, f"{f}.{field}"), width, count,
+                                                              f"{f}.{field}", s.offset))
+        decoded = huffman.decode_many(batch)
+        return {name: self._record(name, *(decoded[p] if isinstance(p, int) else p for p in parts))
+                for name, parts in streams.items()}
+
+    def _record(self, name: str, codes: np.ndarray, symbols: np.ndarray) -> TensorRecord:
+        """The record of sparse tensor ``name`` from its decoded codes and gap symbols, checked."""
         e = self._entries[name]
         i = e.info
         f = self._field(name)
-        if i.encoding == "raw":
-            raise FormatError(f, i.offset, "is stored raw: it has no record")
-        self._check_crc(e)
         cs, gs = i.streams
-        code_data, gap_data = self._bits(cs, f"{f}.code_stream"), self._bits(gs, f"{f}.gap_stream")
-        if i.code_coder == "huffman":
-            codes = huffman.decode(e.code_lengths, code_data, i.n_kept, f"{f}.code_stream", cs.offset)
-        else:
-            codes = huffman.unpack_fixed(code_data, i.code_bits, i.n_kept, f"{f}.code_stream", cs.offset)
-        if i.gap_coder == "huffman":
-            symbols = huffman.decode(e.gap_lengths, gap_data, i.n_gap_symbols, f"{f}.gap_stream", gs.offset)
-        else:
-            symbols = huffman.unpack_fixed(gap_data, i.gap_bits, i.n_gap_symbols, f"{f}.gap_stream", gs.offset)
         if codes.size and codes.max() >= e.table.size:
             raise FormatError(f"{f}.code_stream", cs.offset, f"code {int(codes.max())} is outside the table")
         positions = gaps.from_gaps(symbols, i.gap_bits, i.numel, f"{f}.gap_stream", gs.offset)
         if positions.size != i.n_kept:
             raise FormatError(f"{f}.gap_stream", gs.offset, f"{positions.size} positions for {i.n_kept} codes")
         record = TensorRecord(i.shape, positions, codes, e.table)
-        if positions.size and not np.all(np.isfinite(_values(record))):  # a huge scale can overflow float32
+        # a codebook was checked finite when the file was opened; a huge scale can overflow float32
+        if positions.size and isinstance(e.table, Affine) and not np.all(np.isfinite(_values(record))):
             raise FormatError(f"{f}.scale", i.offset, "decodes to NaN or infinite values")
         return record
 
@@ -534,12 +558,29 @@ class Reader:
         Raises:
             FormatError: its payload is damaged or inconsistent.
         """
+        return self.arrays([name])[name]
+
+    def arrays(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Decode tensors (default: all, in file order) as ``array`` does, the sparse ones in one batch.
+
+        Raises:
+            FormatError: a payload is damaged or inconsistent.
+        """
+        names = self.names if names is None else list(names)
+        records = self.records([n for n in names if self._entries[n].info.encoding != "raw"])
+        out = {}
+        for name in names:
+            i = self._entries[name].info
+            if name in records:
+                # to_dense of an empty per-channel tensor would divide by a zero first dimension
+                out[name] = records[name].to_dense() if i.numel else np.zeros(i.shape, dtype=np.float32)
+            else:
+                out[name] = self._raw(name)
+        return out
+
+    def _raw(self, name: str) -> np.ndarray:
         e = self._entries[name]
         i = e.info
-        if i.encoding != "raw":
-            record = self.record(name)
-            # to_dense of an empty per-channel tensor would divide by a zero first dimension
-            return record.to_dense() if i.numel else np.zeros(i.shape, dtype=np.float32)
         self._check_crc(e)
         s = i.streams[0]
         out = np.frombuffer(self._data[s.offset:s.offset + s.nbytes], dtype=DTYPES[DTYPE_IDS[i.dtype]][1])
@@ -770,11 +811,16 @@ class Reader:
             raise FormatError(f"{self._field(e.info.name)}.payload_crc", first.offset,
                               "payload checksum mismatch: the file is damaged")
 
+    def _payload(self, s: Stream, field: str) -> bytes:
+        """A stream's bytes, its padding bits checked to be zero."""
+        data = bytes(self._data[s.offset:s.offset + s.nbytes])
+        if s.nbits % 8 and data[-1] & (0xFF >> s.nbits % 8):
+            raise FormatError(field, s.offset + s.nbytes - 1, "padding bits after the stream are not zero")
+        return data
+
     def _bits(self, s: Stream, field: str) -> bitarray:
         bits = bitarray(endian="big")
-        bits.frombytes(bytes(self._data[s.offset:s.offset + s.nbytes]))
-        if s.nbits % 8 and bits[s.nbits:].any():
-            raise FormatError(field, s.offset + s.nbytes - 1, "padding bits after the stream are not zero")
+        bits.frombytes(self._payload(s, field))
         del bits[s.nbits:]
         return bits
 
@@ -785,5 +831,4 @@ def read(source: str | os.PathLike | bytes) -> dict[str, np.ndarray]:
     Raises:
         FormatError: the file is damaged, hostile or not a ``.dcz`` file.
     """
-    reader = Reader(source)
-    return {name: reader.array(name) for name in reader.names}
+    return Reader(source).arrays()

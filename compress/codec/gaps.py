@@ -86,16 +86,20 @@ def from_gaps(symbols: np.ndarray, width: int, numel: int, field: str = "gaps",
             or more than ``M`` positions are left uncovered at the end.
     """
     m = escape(width)
-    symbols = np.asarray(symbols, dtype=np.int64).reshape(-1)
-    if symbols.size and (symbols.min() < 0 or symbols.max() > m):
+    symbols = np.asarray(symbols).reshape(-1)
+    if symbols.size and ((symbols.dtype.kind == "i" and symbols.min() < 0) or symbols.max() > m):
         raise FormatError(field, offset, f"gap symbol out of range for width {width}")
-    ends = np.cumsum(np.where(symbols == m, m, symbols + 1))  # cursor after each symbol
-    cursor = int(ends[-1]) if ends.size else 0
+    # the cursor after each symbol, less one: a gap g moves it g + 1, an escape M
+    ends = np.take(np.minimum(np.arange(1, m + 2), m), symbols)
+    if ends.size:
+        ends[0] -= 1
+    np.cumsum(ends, out=ends)
+    cursor = int(ends[-1]) + 1 if ends.size else 0
     if cursor > numel:
         raise FormatError(field, offset, f"gaps run past the end of the tensor ({cursor} > {numel})")
     if numel - cursor > m:
         raise FormatError(field, offset, f"gaps end at {cursor}, more than {m} short of {numel}")
-    return ends[symbols != m] - 1
+    return np.compress(symbols != m, ends)
 
 
 def symbol_counts(positions: np.ndarray, numel: int, width: int) -> np.ndarray:
