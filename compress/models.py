@@ -26,7 +26,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from compress.errors import InputError, RecipeError, check
+from compress import failpoints, rundir
+from compress.errors import InputError, OutputError, RecipeError, check
 
 
 # ------------------------------------------------------------------------------- zoo
@@ -369,18 +370,27 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
 
     Returns:
         The path written.
+
+    Raises:
+        OutputError: the write failed (disk full, quota, read-only); ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, rundir.file_mode())  # mkstemp's 0600 would make checkpoints private
+        failpoints.hit(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(e.errno, e.strerror, str(path)) from e
         raise
     return path
 

@@ -7,6 +7,7 @@ fresh model and evaluated: that is the accuracy the report gives.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,8 +23,8 @@ from torch import nn
 
 import compress
 from compress import data as data_mod
-from compress import modelfile, models, report, train
-from compress.errors import InputError, RecipeError
+from compress import failpoints, modelfile, models, report, rundir, train
+from compress.errors import InputError, OutputError, RecipeError
 from compress.record import Affine, Codebook, TensorRecord
 from compress.recipe import Device, Recipe, Stage, to_toml
 from compress.stages import Context, State
@@ -55,7 +56,15 @@ def run(recipe: Recipe, *, out: Path | None = None, resume: bool = False,
         (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"output folder {run_dir}: cannot create ({e.strerror})") from None
+    with rundir.RunLock(run_dir) as lock:  # before anything is written: a refused run touches nothing
+        return execute(recipe, run_dir, device, datasets, model, lock, resume=resume, overrides=overrides)
+
+
+def execute(recipe: Recipe, run_dir: Path, device: torch.device, datasets, model: nn.Module, lock: rundir.RunLock,
+            *, resume: bool, overrides: tuple[str, ...]) -> Result:
+    """The run proper, in a folder this process holds (see ``run``)."""
     log = setup_logging(run_dir)
+    recover(run_dir, lock, log)
     ctx = Context(data=datasets, device=device, seed=recipe.run.seed, run_dir=run_dir, log=log,
                   pretrain=recipe.pretrain, recipe=recipe)
     report.write_atomic(run_dir / "recipe.toml", to_toml(recipe.source))
@@ -90,6 +99,15 @@ def run(recipe: Recipe, *, out: Path | None = None, resume: bool = False,
     report.write(run_dir, result, model, snapshot, state)
     log.info("done in %.1f s; report: %s", total, run_dir / "report.md")
     return Result(run_dir, result)
+
+
+def recover(run_dir: Path, lock: rundir.RunLock, log: logging.Logger) -> None:
+    """Say what a run that died here left behind, and remove its unfinished temporary files."""
+    if lock.stale:
+        log.warning("cleared a stale lock of run pid %s (it ended without releasing the folder: killed?)",
+                    lock.stale.get("pid", "?"))
+    for path in rundir.remove_temporaries(run_dir):
+        log.warning("removed %s, an unfinished write of a run that was stopped", path)
 
 
 def validate(recipe: Recipe, model: nn.Module) -> None:
@@ -185,8 +203,9 @@ def load_stage(path: Path, fingerprint: str, model: nn.Module, state: State) -> 
     if not path.exists():
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged checkpoint is simply redone
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code: nothing in it runs
+    except Exception as e:  # noqa: BLE001 -- a damaged or refused checkpoint is simply redone
+        logging.getLogger("compress").warning("%s: unreadable, redoing it (%s)", path, models.refusal_reason(e))
         return None
     if not isinstance(obj, dict) or obj.get("fingerprint") != fingerprint:
         return None
@@ -250,14 +269,27 @@ def setup_logging(run_dir: Path) -> logging.Logger:
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
-    file = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
+    try:
+        file = QuietFileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
+    except OSError as e:
+        raise OutputError(e.errno, e.strerror, str(run_dir / "run.log")) from e
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(file)
     log.addHandler(console)
+    failpoints.install(log)
     log.propagate = False
     return log
+
+
+class QuietFileHandler(logging.FileHandler):
+    """The run's log file; when it cannot be written (disk full) it stops, instead of printing tracebacks."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        logging.getLogger("compress").removeHandler(self)
+        with contextlib.suppress(OSError):
+            self.close()
 
 
 def versions(recipe: Recipe, overrides: tuple[str, ...]) -> dict:

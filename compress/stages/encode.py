@@ -80,7 +80,7 @@ def run(model: nn.Module, state: State, cfg: EncodeConfig, ctx: Context) -> dict
     result = {"file": cfg.file, "file_bytes": size, "coder": cfg.coder.value, "tensors": stats}
     if cfg.compare:
         other = Coder.NONE if cfg.coder is Coder.HUFFMAN else Coder.HUFFMAN
-        fd, tmp = tempfile.mkstemp(suffix=".dcz", dir=ctx.run_dir)
+        fd, tmp = tempfile.mkstemp(prefix=".compare.", suffix=".dcz.tmp", dir=ctx.run_dir)  # hidden: cleaned if killed
         os.close(fd)
         try:
             _, other_size = modelfile.save(tmp, model_state, state.records, coder=other.value, gap_bits=widths,

@@ -311,13 +311,15 @@ def test_bad_file_table_crc_mismatch():
     assert err.offset == FOOTER + 16
 
 
-def test_bad_file_payload_crc_mismatch():
+def test_bad_file_payload_crc_mismatch_is_refused_when_opened_before_any_decoding(monkeypatch):
     data = bytearray(EXAMPLE)
-    data[12] ^= 0x80
-    reader = Reader(bytes(data))  # the table is intact: the file opens
+    data[12] ^= 0x80  # the table is intact, the payload is not
+    decoded = []
+    monkeypatch.setattr(container.huffman, "decode", lambda *a, **k: decoded.append(a))
     with pytest.raises(FormatError) as err:
-        reader.array("w")
+        Reader(bytes(data))
     assert err.value.field == "tensor[0] 'w'.payload_crc" and err.value.offset == 12
+    assert decoded == []
 
 
 def test_bad_file_dims_multiplying_past_2_63():
