@@ -323,7 +323,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         raise InputError(f"checkpoint {path}: not a plain tensor checkpoint, refused without running it "
                          f"({reason}); save one with torch.save(model.state_dict(), path)") from None
     except Exception as e:  # noqa: BLE001 -- torch raises RuntimeError, EOFError, OSError ... for damaged files
-        raise InputError(f"checkpoint {path}: cannot read ({e.__class__.__name__}: {first_line(e)})") from None
+        raise InputError(f"checkpoint {path}: cannot read ({e.__class__.__name__}: {first_line(e)}); not a torch "
+                         f"checkpoint, or damaged") from None
     state = extract_state_dict(obj, path)
     expected = model.state_dict()
     state = strip_prefix(state, expected)
@@ -408,7 +409,11 @@ def shape_str(tensor: torch.Tensor) -> str:
 
 def refusal_reason(e: BaseException) -> str:
     """The useful clause of torch's long weights_only refusal, e.g. ``Unsupported global: GLOBAL io.open``."""
-    match = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n|$)", str(e), re.S)
+    text = str(e)
+    glob = re.search(r"unsupported GLOBAL (\S+?)(?: whose|[.,]?\s|$)", text, re.I)  # torch words it several ways
+    if glob:
+        return f"Unsupported global: GLOBAL {glob.group(1)}"
+    match = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n|$)", text, re.S)
     return (match.group(1).strip() if match and match.group(1).strip() else first_line(e))[:160]
 
 

@@ -176,7 +176,10 @@ def verify(path: Path, model: nn.Module, recipe: Recipe, datasets, state: State,
 
 def build_model(recipe: Recipe, datasets) -> nn.Module:
     torch.manual_seed(recipe.run.seed)
-    return models.build(recipe.model, *shape_of(datasets, recipe))
+    try:
+        return models.build(recipe.model, *shape_of(datasets, recipe))
+    except RecipeError as e:  # models name their own keys ("name"); the recipe's key is model.name
+        raise RecipeError(f"model.{e.key}" if e.key and not e.key.startswith("model") else e.key, e.message) from None
 
 
 def shape_of(datasets, recipe: Recipe) -> tuple[tuple[int, int, int], int]:
