@@ -381,7 +381,13 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            sink = _KeepsWriteErrors(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is not None:  # torch's zip writer turns a failed write (disk full) into this
+                    raise sink.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, rundir.file_mode())  # mkstemp's 0600 would make checkpoints private
@@ -394,6 +400,23 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
             raise OutputError(e.errno, e.strerror, str(path)) from e
         raise
     return path
+
+
+class _KeepsWriteErrors:
+    """A file's ``write``, remembering the first ``OSError`` (which ``torch.save`` would replace by a RuntimeError)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def numel(shape: tuple[int, ...]) -> int:
