@@ -40,10 +40,12 @@ class Result:
 
 def run(recipe: Recipe, *, out: Path | None = None, resume: bool = False,
         overrides: tuple[str, ...] = ()) -> Result:
-    """Run ``recipe`` and write its run folder.
+    """Run ``recipe`` and write its run folder, which this process holds (``rundir.RunLock``) meanwhile.
 
     Raises:
-        CompressError: bad input (recipe, files); the CLI reports it in one line.
+        CompressError: bad input (recipe, files), or another run holds the folder; found before
+            anything is written. The CLI reports it in one line.
+        OutputError: an artifact could not be written (disk full); the previous one is intact.
     """
     run_dir = Path(out) if out is not None else ARTIFACTS / recipe.run.name
     setup_torch(recipe)
@@ -123,6 +125,7 @@ def validate(recipe: Recipe, model: nn.Module) -> None:
 
 def run_stage(stage: Stage, model: nn.Module, state: State, ctx: Context) -> dict:
     ctx.log.info("stage %s (%s) ...", stage.name, stage.spec.method)
+    seed_stage(ctx.seed, stage.name)
     t0 = time.perf_counter()
     figures = stage.spec.run(model, state, stage.config, ctx) or {}
     seconds = time.perf_counter() - t0
@@ -149,6 +152,7 @@ def pretrain(model: nn.Module, recipe: Recipe, ctx: Context) -> dict:
         entry["resumed"] = True
     else:
         ctx.log.info("pretrain: %d epochs", recipe.pretrain.epochs)
+        seed_stage(ctx.seed, "pretrain")
         train.fit(model, ctx.data, recipe.pretrain, device=ctx.device, seed=ctx.seed,
                   batch_size=recipe.data.batch_size, desc="pretrain", rank=ctx.rank, world_size=ctx.world_size)
         save_stage(cache, fingerprint, model, State(), {"stage": "baseline"})
@@ -257,6 +261,17 @@ def pick_device(device: Device) -> torch.device:
     if device is Device.CPU or (device is Device.AUTO and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def seed_stage(seed: int, stage: str) -> None:
+    """Seed the global RNGs (dropout, layer init) from the run's seed and the stage alone.
+
+    A stage then draws the same numbers whether the stages before it ran in this process
+    or were resumed from their checkpoints: what makes a resumed run byte-identical.
+    """
+    derived = int(digest(seed, stage), 16) % 2 ** 32
+    torch.manual_seed(derived)
+    np.random.seed(derived)
 
 
 def setup_torch(recipe: Recipe) -> None:

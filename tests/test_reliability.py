@@ -171,8 +171,10 @@ def test_reliability_second_run_is_refused_and_ctrl_c_stops_with_130(tmp_path, c
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent),
            "COMPRESS_FAILPOINT": "pause@log:stage quantize"}
+    # SIG_DFL: a shell starts background jobs with SIGINT ignored, and Python then keeps it ignored
     first = subprocess.Popen([sys.executable, "-m", "compress.run", "--out", str(out), *FAST], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         while not lines or not lines[-1].startswith("failpoint: pause"):
@@ -315,3 +317,46 @@ def test_reliability_full_disk_fails_in_one_line_and_keeps_the_previous_artifact
         for path, data in old.items():  # this file and every later one: still the previous run's
             if path.name in targets[i:] and path.name not in targets[:i]:
                 assert path.read_bytes() == data, (target, path)
+
+
+class _Evil:
+    """Unpickling this runs a command: what a planted checkpoint would do to a trusting loader."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_reliability_planted_stage_checkpoint_is_refused_unrun_and_redone(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(DATA_FREE)
+    out, marker = tmp_path / "out", tmp_path / "ran"
+    assert run_cli.main([str(recipe), "--out", str(out)]) == 0
+    before = (out / "model.dcz").read_bytes()
+    torch.save({"fingerprint": "x", "model": _Evil(marker)}, out / "stages" / "01-prune.pt")
+    (out / "stages" / "02-quantize.pt").write_bytes(b"truncated")
+    assert run_cli.main([str(recipe), "--out", str(out), "--resume"]) == 0
+    assert not marker.exists()
+    log = (out / "run.log").read_text()
+    assert "01-prune.pt: unreadable, redoing it (Unsupported global: GLOBAL posix.system)" in log
+    assert "02-quantize.pt: unreadable, redoing it" in log
+    report = json.loads((out / "report.json").read_text())
+    # prune and quantize redone (to the same weights); the encode checkpoint, still valid, is reused
+    assert [s.get("resumed", False) for s in report["stages"]] == [False, False, False, True]
+    assert (out / "model.dcz").read_bytes() == before
+
+
+def test_pipeline_seed_stage_ignores_what_earlier_stages_drew():
+    from compress import pipeline
+
+    torch.manual_seed(1)
+    torch.rand(100)  # an earlier stage (dropout, say) drew numbers in this process...
+    pipeline.seed_stage(0, "quantize")
+    a = torch.rand(4)
+    torch.manual_seed(2)  # ...or did not: the run was resumed
+    pipeline.seed_stage(0, "quantize")
+    assert torch.equal(torch.rand(4), a)
+    pipeline.seed_stage(0, "prune")
+    assert not torch.equal(torch.rand(4), a)

@@ -306,9 +306,9 @@ def _umask() -> int:
 
 def _check_shape(name: str, shape: tuple[int, ...]) -> None:
     shape = tuple(int(d) for d in shape)
-    if len(shape) > MAX_NDIM or any(d < 0 for d in shape) or math.prod(shape) > MAX_NUMEL:
+    if len(shape) > MAX_NDIM or any(not 0 <= d <= MAX_NUMEL for d in shape) or math.prod(shape) > MAX_NUMEL:
         raise ValueError(f"{name}: shape {shape} is past the format's limits "
-                         f"(at most {MAX_NDIM} dims, {MAX_NUMEL} elements)")
+                         f"(at most {MAX_NDIM} dims, {MAX_NUMEL} elements, each dim at most {MAX_NUMEL})")
 
 
 def _entry_head(name: bytes, encoding: int, shape: tuple[int, ...], crc: int) -> bytes:
@@ -677,13 +677,14 @@ class Reader:
         numel = 1
         for d in shape:  # Python ints: no overflow; a zero dimension makes 0 whatever follows
             numel *= d
-        if numel > MAX_NUMEL:
-            raise FormatError(f"{f}.shape", shape_at, f"{shape} has more than {MAX_NUMEL} elements")
+        if numel > MAX_NUMEL or any(d > MAX_NUMEL for d in shape):  # (0, 2**64-1): no elements, still no array
+            raise FormatError(f"{f}.shape", shape_at, f"{shape} has more than {MAX_NUMEL} elements, or a dimension "
+                              f"past {MAX_NUMEL}")
         self._elements += numel
         if self._elements > self.max_elements:
             raise FormatError(f"{f}.shape", shape_at, f"{shape} brings the file to {self._elements} elements, more "
                               f"than the {self.max_elements} allowed for {self.size} bytes (a decompression bomb?); "
-                              "a caller that expects that much can allow it (allow_elements)")
+                              "if it is expected, allow it (allow_elements=, or decode --allow-elements)")
         crc = cur.one("I", f"{f}.payload_crc")
         if encoding == RAW:
             return self._raw_entry(cur, i, f, at, name, shape, numel, crc)

@@ -327,6 +327,14 @@ def test_bad_file_dims_multiplying_past_2_63():
     assert err.offset == DIMS
 
 
+def test_bad_file_empty_tensor_with_a_dimension_no_array_can_have():
+    # found by `python -m compress.fuzz --cases 100000` (case 50808): zero elements, but numpy cannot make the array
+    err = expect(patched(EXAMPLE, DIMS, "QQ", 0, 2 ** 64 - 1), "tensor[0] 'w'.shape")
+    assert err.offset == DIMS
+    with pytest.raises(ValueError, match="each dim at most"):  # the writer refuses the same shapes
+        container._check_shape("w", (0, 2 ** 40))
+
+
 def test_bad_file_count_of_2_60_symbols():
     expect(patched(EXAMPLE, N_GAP, "Q", 2 ** 60), "tensor[0] 'w'.gap_stream.bits")
 
@@ -373,6 +381,18 @@ def test_bad_file_padding_bits_not_zero():
     data[CRC:CRC + 4] = struct.pack("<I", zlib.crc32(bytes(data[12:14])))
     data = patched(bytes(data), 0, "8s", container.MAGIC)  # recompute the table CRC
     expect(data, "tensor[0] 'w'.code_stream", decode="w")
+
+
+def test_bad_file_decompression_bomb_is_refused_when_opened_unless_allowed(tmp_path):
+    # well formed: 2**26 zeros around one weight, in 9 KB (the gap escapes cost a bit each)
+    path = tmp_path / "bomb.dcz"
+    write(path, {"w": TensorRecord((1 << 26,), [5], [0], Codebook([1.0]))}, gap_bits=10)
+    size = path.stat().st_size
+    assert size < 16_000 and container.element_budget(size) < 1 << 26
+    err = expect(path.read_bytes(), "tensor[0] 'w'.shape")
+    assert "more than the" in str(err) and "allow" in str(err)
+    reader = Reader(path, allow_elements=1 << 26)  # a caller that expects a tensor this big
+    assert reader.info("w").shape == (1 << 26,) and reader.record("w").positions.tolist() == [5]
 
 
 def test_bad_file_read_of_a_missing_path(tmp_path):
