@@ -60,7 +60,7 @@ def alloc_bound(file_size: int) -> int:
     """Bytes the reader may allocate to decode every tensor of a file of ``file_size`` bytes.
 
     The dense float32 tensors the file may declare (``container.element_budget``), plus
-    ~600 bytes per byte of file for the decoding itself: a stream of ``8 * size`` bits
+    640 bytes per byte of file for the decoding itself: a stream of ``8 * size`` bits
     holds at most that many symbols, each held in a few int64 arrays along the way.
     """
     return 4 * container.element_budget(file_size) + 640 * file_size + (1 << 20)
@@ -127,6 +127,7 @@ class Seed:
 
 
 def seed_of(data: bytes) -> Seed:
+    """Open a valid file with the field trace on; the header and footer fields are added by hand."""
     trace: list[container.Field] = []
     reader = container.Reader(data, trace=trace, allow_elements=1 << 32)
     crc_at = [f.offset for f in trace if f.name.endswith(".payload_crc")]
