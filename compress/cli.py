@@ -3,23 +3,35 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from compress.errors import CompressError
+from compress.errors import CompressError, OutputError
 
 QUICKSTART = "quickstart.toml"
 
 
-def guarded(fn: Callable[[], int | None]) -> int:
-    """Run ``fn``; turn every failure into one line on stderr and an exit code (2 input, 1 runtime, 130 Ctrl-C).
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it unwinds like Ctrl-C (files closed, lock released)."""
 
-    Under torchrun, rank 0 reports bad input; the other ranks, which meet the same
-    recipe and files, exit quietly with the same code, as they do when rank 0 failed in
-    work only it does. A runtime failure of another rank is its own: it is printed,
-    marked with the rank.
+
+def guarded(fn: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+    """Run ``fn``; turn every failure into one line on stderr and an exit code.
+
+    Exit codes: 2 bad input (``CompressError``), 1 runtime failure (a full disk, a bug),
+    130 Ctrl-C (SIGINT), 143 SIGTERM. Files are written atomically, so a stop at any
+    point leaves every artifact whole or absent.
+
+    Under torchrun, rank 0 reports bad input and interruptions; the other ranks, which meet
+    the same recipe and files, exit quietly with the same code, as they do when rank 0
+    failed in work only it does. A runtime failure of another rank is its own: it is
+    printed, marked with the rank.
+
+    Args:
+        interrupted: the line printed when stopped by SIGINT or SIGTERM.
     """
     from compress.distributed import PeerError, env_ranks
 
@@ -28,6 +40,7 @@ def guarded(fn: Callable[[], int | None]) -> int:
     except CompressError:
         rank = 0  # a malformed RANK is reported by the run itself
     mark = f"[rank {rank}] " if rank else ""
+    previous = _on_sigterm()
     try:
         return fn() or 0
     except PeerError as e:
@@ -36,14 +49,34 @@ def guarded(fn: Callable[[], int | None]) -> int:
         if not rank:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
         if not rank:
-            print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug or a fault (disk full, CUDA): one line here, the traceback in the run's log
+            print(f"{interrupted} ({signum.name})", file=sys.stderr)
+        return 128 + signum
+    except OutputError as e:  # disk full, quota, read-only: the file it would have replaced is intact
+        log_traceback()
+        print(f"{mark}error: cannot write {e.filename}: {e.strerror}; the files already there are intact",
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug or a fault (CUDA ...): one line here, the traceback in the run's log
         log_traceback()
         print(f"{mark}error: {e.__class__.__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """Make SIGTERM raise ``Terminated``; returns the handler it replaced (None off the main thread)."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # signal handlers can only be set from the main thread
+        return None
 
 
 def log_traceback() -> None:
@@ -109,7 +142,7 @@ def plan(loaded) -> str:
     return "\n".join(lines)
 
 
-def decode_file(path: Path, output: Path) -> int:
+def decode_file(path: Path, output: Path, allow_elements: int = 0) -> int:
     import io
 
     import torch
@@ -120,12 +153,11 @@ def decode_file(path: Path, output: Path) -> int:
 
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    state = modelfile.decode(path)
+    if not output.resolve().parent.is_dir():
+        raise InputError(f"{output}: cannot write (no folder {output.parent})")
+    state = modelfile.decode(path, allow_elements=allow_elements)
     buf = io.BytesIO()
     torch.save(state, buf)
-    try:
-        write_atomic(output, buf.getvalue())
-    except OSError as e:
-        raise InputError(f"{output}: cannot write ({e.strerror})") from None
+    write_atomic(output, buf.getvalue())
     print(f"wrote {output}: {len(state)} tensors")
     return 0

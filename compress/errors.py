@@ -43,6 +43,19 @@ class FormatError(CompressError):
         super().__init__(f"{field}{where}: {message}")
 
 
+class OutputError(OSError):
+    """An artifact could not be written (disk full, quota, read-only folder).
+
+    Not a ``CompressError``: the input was fine, the machine failed (exit code 1). The
+    file the write would have replaced is untouched (every artifact is written to a
+    temporary file and renamed into place).
+
+    Args:
+        errno, strerror: from the ``OSError`` that stopped the write.
+        filename: the artifact that was being written.
+    """
+
+
 def check(condition: bool, key: str, message: str) -> None:
     """Raise ``RecipeError(key, message)`` unless ``condition`` holds; for ``__post_init__`` validation."""
     if not condition:

@@ -41,6 +41,9 @@ def parametrized(model: nn.Module, factories: dict[str, nn.Module]) -> Iterator[
     Yields:
         The same mapping, so a caller can reach each parametrization's own parameters.
     """
+    # removing a parametrization re-registers the parameter last; the order is put back afterwards so that
+    # state_dict order (and so the bytes of checkpoints and model files) does not depend on a model's history
+    order = {name: list(model.get_submodule(split(name)[0])._parameters) for name in factories}
     for name, p in factories.items():
         module, attr = split(name)
         p.to(next(model.get_submodule(module).parameters()).device)
@@ -51,6 +54,10 @@ def parametrized(model: nn.Module, factories: dict[str, nn.Module]) -> Iterator[
         for name in factories:
             module, attr = split(name)
             parametrize.remove_parametrizations(model.get_submodule(module), attr, leave_parametrized=True)
+            params = model.get_submodule(module)._parameters
+            ordered = {k: params[k] for k in order[name] if k in params} | params
+            params.clear()
+            params.update(ordered)
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:

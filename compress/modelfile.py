@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress import failpoints
 from compress.codec import container
-from compress.errors import FormatError
+from compress.errors import FormatError, OutputError
 from compress.record import TensorRecord
 
 FOLDED_BN = "folded_bn"
@@ -35,28 +36,39 @@ def save(path: str | Path, state_dict: dict[str, torch.Tensor], records: dict[st
 
     Returns:
         ``(per-tensor stats, file size in bytes)``.
+
+    Raises:
+        OutputError: the file could not be written (disk full ...); a previous file at ``path`` is untouched.
     """
     gap_bits = gap_bits or {}
-    with container.Writer(path, metadata=metadata or {}) as writer:
-        for name, tensor in state_dict.items():
-            if name in records:
-                writer.add(name, records[name], gap_bits=gap_bits.get(name), coder=coder)
-            elif tensor.is_floating_point():
-                writer.add_raw(name, tensor.detach().cpu().float().numpy(), dtype=raw_dtype)
-            else:
-                writer.add_raw(name, tensor.detach().cpu().to(torch.int64).numpy(), dtype="int64")
+    try:
+        with container.Writer(path, metadata=metadata or {}) as writer:
+            for name, tensor in state_dict.items():
+                if name in records:
+                    writer.add(name, records[name], gap_bits=gap_bits.get(name), coder=coder)
+                elif tensor.is_floating_point():
+                    writer.add_raw(name, tensor.detach().cpu().float().numpy(), dtype=raw_dtype)
+                else:
+                    writer.add_raw(name, tensor.detach().cpu().to(torch.int64).numpy(), dtype="int64")
+            failpoints.hit(f"write:{Path(path).name}")  # streams written, table and rename to come
+    except OSError as e:
+        raise OutputError(e.errno, e.strerror, str(path)) from e
     return writer.stats, Path(path).stat().st_size
 
 
-def decode(path: str | Path) -> dict[str, torch.Tensor]:
+def decode(path: str | Path, *, allow_elements: int = 0) -> dict[str, torch.Tensor]:
     """Decode a ``.dcz`` file into a plain state_dict of float32 (and int64) tensors.
+
+    Args:
+        allow_elements: decode files whose tensors add up to this many elements even when
+            that is more than the reader allows for the file's size (``container.element_budget``).
 
     Raises:
         FormatError: the file is damaged, hostile or not a ``.dcz`` file.
     """
     # all sparse tensors in one batch (the fast path); every array is freshly made by the reader, never
     # a view of the file, so no copy is needed
-    return {name: torch.from_numpy(a) for name, a in container.Reader(path).arrays().items()}
+    return {name: torch.from_numpy(a) for name, a in container.Reader(path, allow_elements=allow_elements).arrays().items()}
 
 
 def iter_decode(reader: container.Reader) -> Iterator[tuple[str, torch.Tensor]]:
@@ -77,16 +89,17 @@ def metadata(path: str | Path) -> dict[str, str]:
 def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a ``.dcz`` file into ``model`` (built the way the file's model was).
 
-    BatchNorm is folded first when the file holds folded weights. Tensors are decoded one
-    at a time straight into the model's own (``decode_into``): loading needs no memory for
-    a second copy of the model.
+    BatchNorm is folded first when the file holds folded weights. Names and shapes are
+    checked against the model before anything is decoded, so a file can make this allocate
+    no more than the model's own size; tensors are then decoded one at a time straight into
+    the model's own (``decode_into``): loading needs no memory for a second copy of the model.
 
     Raises:
-        FormatError: the file does not fit the model (missing, extra or mis-shaped tensors: checked
-            before anything is loaded), or a tensor's payload is damaged (the tensors before it
-            are then already loaded).
+        FormatError: the file is damaged, or does not fit the model (missing, extra or
+            mis-shaped tensors: checked before anything is loaded); a tensor whose payload is
+            damaged leaves the tensors before it already loaded.
     """
-    reader = container.Reader(path)
+    reader = container.Reader(path, allow_elements=numel(model.state_dict()))
     if reader.metadata.get(FOLDED_BN) == "1":
         from compress.fold import fold_batchnorm
 
@@ -138,7 +151,7 @@ def differing_in_file(model_state: dict[str, torch.Tensor], path: str | Path, na
     Raises:
         FormatError: the file does not fit ``model_state`` (see ``check_fits``), or is damaged.
     """
-    reader = container.Reader(path)
+    reader = container.Reader(path, allow_elements=numel(model_state))
     check_fits(reader, model_state, path)
     bad = []
     for name in names:
@@ -146,6 +159,11 @@ def differing_in_file(model_state: dict[str, torch.Tensor], path: str | Path, na
         decode_into(reader, name, decoded)
         bad += differing({name: model_state[name]}, {name: decoded}, [name])
     return bad
+
+
+def numel(state: dict[str, torch.Tensor]) -> int:
+    """Elements of a state_dict: what a file that fits it may decode to (the reader's budget)."""
+    return sum(t.numel() for t in state.values())
 
 
 def differing(model_state: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor],

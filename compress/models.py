@@ -26,7 +26,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from compress.errors import InputError, RecipeError, check
+from compress import failpoints, rundir
+from compress.errors import InputError, OutputError, RecipeError, check
 
 
 # ------------------------------------------------------------------------------- zoo
@@ -322,7 +323,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         raise InputError(f"checkpoint {path}: not a plain tensor checkpoint, refused without running it "
                          f"({reason}); save one with torch.save(model.state_dict(), path)") from None
     except Exception as e:  # noqa: BLE001 -- torch raises RuntimeError, EOFError, OSError ... for damaged files
-        raise InputError(f"checkpoint {path}: cannot read ({e.__class__.__name__}: {first_line(e)})") from None
+        raise InputError(f"checkpoint {path}: cannot read ({e.__class__.__name__}: {first_line(e)}); not a torch "
+                         f"checkpoint, or damaged") from None
     state = extract_state_dict(obj, path)
     expected = model.state_dict()
     state = strip_prefix(state, expected)
@@ -369,20 +371,52 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
 
     Returns:
         The path written.
+
+    Raises:
+        OutputError: the write failed (disk full, quota, read-only); ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            sink = _KeepsWriteErrors(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is not None:  # torch's zip writer turns a failed write (disk full) into this
+                    raise sink.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, rundir.file_mode())  # mkstemp's 0600 would make checkpoints private
+        failpoints.hit(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(e.errno, e.strerror, str(path)) from e
         raise
     return path
+
+
+class _KeepsWriteErrors:
+    """A file's ``write``, remembering the first ``OSError`` (which ``torch.save`` would replace by a RuntimeError)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -398,7 +432,11 @@ def shape_str(tensor: torch.Tensor) -> str:
 
 def refusal_reason(e: BaseException) -> str:
     """The useful clause of torch's long weights_only refusal, e.g. ``Unsupported global: GLOBAL io.open``."""
-    match = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n|$)", str(e), re.S)
+    text = str(e)
+    glob = re.search(r"unsupported GLOBAL (\S+?)(?: whose|[.,]?\s|$)", text, re.I)  # torch words it several ways
+    if glob:
+        return f"Unsupported global: GLOBAL {glob.group(1)}"
+    match = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n|$)", text, re.S)
     return (match.group(1).strip() if match and match.group(1).strip() else first_line(e))[:160]
 
 

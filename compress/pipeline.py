@@ -12,6 +12,7 @@ masks and records (``distributed.share_run_state``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,8 +28,8 @@ from torch import nn
 
 import compress
 from compress import data as data_mod
-from compress import distributed, memory, modelfile, models, report, train
-from compress.errors import InputError, RecipeError
+from compress import distributed, failpoints, memory, modelfile, models, report, rundir, train
+from compress.errors import InputError, OutputError, RecipeError
 from compress.record import Affine, Codebook, TensorRecord
 from compress.recipe import Recipe, Stage, to_toml
 from compress.stages import Context, State
@@ -52,8 +53,12 @@ def run(recipe: Recipe, *, out: Path | None = None, resume: bool = False,
         overrides: tuple[str, ...] = ()) -> Result:
     """Run ``recipe`` and write its run folder; one process, or each of those torchrun started.
 
+    Rank 0 holds the folder (``rundir.RunLock``) for the run's duration and is its only writer.
+
     Raises:
-        CompressError: bad input (recipe, files); the CLI reports it in one line.
+        CompressError: bad input (recipe, files), or another run holds the folder; found before
+            anything is written. The CLI reports it in one line.
+        OutputError: an artifact could not be written (disk full); the previous one is intact.
         distributed.PeerError: on ranks other than 0, when rank 0 failed writing or reading files.
     """
     setup_torch(recipe)
@@ -65,15 +70,31 @@ def run_in(proc: distributed.Process, recipe: Recipe, *, out: Path | None = None
            overrides: tuple[str, ...] = ()) -> Result:
     """``run`` as process ``proc`` of the run."""
     run_dir = Path(out) if out is not None else ARTIFACTS / recipe.run.name
-    device = proc.device
     # everything that can be checked is checked before the run folder exists: bad input leaves nothing behind
     datasets = data_mod.load(recipe.data, seed=recipe.run.seed) if recipe.data else None
     model = build_model(recipe, datasets)
     validate(recipe, model)
     if proc.world_size > 1:
         torch.manual_seed(recipe.run.seed + proc.rank)  # same weights built everywhere; dropout differs per rank
-    distributed.on_main(lambda: make_run_dir(run_dir))
+    lock = rundir.RunLock(run_dir)
+
+    def hold() -> None:  # before anything is written: a refused run touches nothing
+        make_run_dir(run_dir)
+        lock.acquire()
+
+    distributed.on_main(hold)
+    try:
+        return execute(proc, recipe, run_dir, datasets, model, lock, resume=resume, overrides=overrides)
+    finally:
+        lock.release()  # a no-op on the ranks that never held it
+
+
+def execute(proc: distributed.Process, recipe: Recipe, run_dir: Path, datasets, model: nn.Module,
+            lock: rundir.RunLock, *, resume: bool, overrides: tuple[str, ...]) -> Result:
+    """The run proper, in a folder rank 0 holds (see ``run``)."""
+    device = proc.device
     log = setup_logging(run_dir, rank=proc.rank)
+    distributed.on_main(lambda: recover(run_dir, lock, log))
     ctx = Context(data=datasets, device=device, seed=recipe.run.seed, run_dir=run_dir, log=log,
                   pretrain=recipe.pretrain, recipe=recipe, rank=proc.rank, world_size=proc.world_size)
 
@@ -127,6 +148,15 @@ def make_run_dir(run_dir: Path) -> None:
         raise InputError(f"output folder {run_dir}: cannot create ({e.strerror})") from None
 
 
+def recover(run_dir: Path, lock: rundir.RunLock, log: logging.Logger) -> None:
+    """Say what a run that died here left behind, and remove its unfinished temporary files."""
+    if lock.stale:
+        log.warning("cleared a stale lock of run pid %s (it ended without releasing the folder: killed?)",
+                    lock.stale.get("pid", "?"))
+    for path in rundir.remove_temporaries(run_dir):
+        log.warning("removed %s, an unfinished write of a run that was stopped", path)
+
+
 def validate(recipe: Recipe, model: nn.Module) -> None:
     """Resolve every stage's tensor selection against the model (patterns that match nothing fail here)."""
     for stage in recipe.stages:
@@ -140,6 +170,7 @@ def validate(recipe: Recipe, model: nn.Module) -> None:
 
 def run_stage(stage: Stage, model: nn.Module, state: State, ctx: Context) -> dict:
     ctx.log.info("stage %s (%s) ...", stage.name, stage.spec.method)
+    seed_stage(ctx.seed, stage.name)
     mark = memory.mark()
     t0 = time.perf_counter()
     figures = stage.spec.run(model, state, stage.config, ctx) or {}
@@ -170,6 +201,7 @@ def pretrain(model: nn.Module, recipe: Recipe, ctx: Context) -> dict:
         entry["resumed"] = True
     else:
         ctx.log.info("pretrain: %d epochs", recipe.pretrain.epochs)
+        seed_stage(ctx.seed, "pretrain")
         ctx.fit(model, recipe.pretrain, seed=ctx.seed, desc="pretrain")
         distributed.on_main(lambda: save_stage(cache, fingerprint, model, State(), {"stage": "baseline"}))
     entry["seconds"] = time.perf_counter() - t0
@@ -203,7 +235,10 @@ def verify(path: Path, model: nn.Module, recipe: Recipe, datasets, state: State,
 
 def build_model(recipe: Recipe, datasets) -> nn.Module:
     torch.manual_seed(recipe.run.seed)
-    return models.build(recipe.model, *shape_of(datasets, recipe))
+    try:
+        return models.build(recipe.model, *shape_of(datasets, recipe))
+    except RecipeError as e:  # models name their own keys ("name"); the recipe's key is model.name
+        raise RecipeError(f"model.{e.key}" if e.key and not e.key.startswith("model") else e.key, e.message) from None
 
 
 def shape_of(datasets, recipe: Recipe) -> tuple[tuple[int, int, int], int]:
@@ -230,8 +265,9 @@ def load_stage(path: Path, fingerprint: str, model: nn.Module, state: State) -> 
     if not path.exists():
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged checkpoint is simply redone
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code: nothing in it runs
+    except Exception as e:  # noqa: BLE001 -- a damaged or refused checkpoint is simply redone
+        logging.getLogger("compress").warning("%s: unreadable, redoing it (%s)", path, models.refusal_reason(e))
         return None
     if not isinstance(obj, dict) or obj.get("fingerprint") != fingerprint:
         return None
@@ -274,6 +310,17 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def seed_stage(seed: int, stage: str) -> None:
+    """Seed the global RNGs (dropout, layer init) from the run's seed and the stage alone.
+
+    A stage then draws the same numbers whether the stages before it ran in this process
+    or were resumed from their checkpoints: what makes a resumed run byte-identical.
+    """
+    derived = int(digest(seed, stage), 16) % 2 ** 32
+    torch.manual_seed(derived)
+    np.random.seed(derived)
+
+
 def setup_torch(recipe: Recipe) -> None:
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
@@ -291,12 +338,25 @@ def setup_logging(run_dir: Path, rank: int = 0) -> logging.Logger:
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     if rank == 0:
-        file = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
+        try:
+            file = QuietFileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
+        except OSError as e:
+            raise OutputError(e.errno, e.strerror, str(run_dir / "run.log")) from e
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file)
     log.addHandler(console)
+    failpoints.install(log)
     log.propagate = False
     return log
+
+
+class QuietFileHandler(logging.FileHandler):
+    """The run's log file; when it cannot be written (disk full) it stops, instead of printing tracebacks."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        logging.getLogger("compress").removeHandler(self)
+        with contextlib.suppress(OSError):
+            self.close()
 
 
 def versions(recipe: Recipe, overrides: tuple[str, ...], world_size: int = 1) -> dict:

@@ -116,11 +116,21 @@ def from_dict(table: dict, path: Path | None = None) -> Recipe:
                 if name != "data" or "data" in table}
     stages = build_stages(table.get("stages", {}))
     if "data" not in table:
-        needing = [s.name for s in stages if s.spec.needs_data]
-        if needing:
-            raise RecipeError(f"stages.{needing[0]}", "needs a dataset; add a [data] section")
+        check_data_free(stages)
     return Recipe(run=sections["run"], model=sections["model"], data=sections.get("data"),
                   pretrain=sections["pretrain"], stages=stages, source=table, path=path)
+
+
+def check_data_free(stages: tuple[Stage, ...]) -> None:
+    """Refuse, before anything runs, a stage that needs data in a recipe without ``[data]``."""
+    for stage in stages:
+        if stage.spec.needs_data:
+            raise RecipeError(f"stages.{stage.name}", "needs a dataset; add a [data] section")
+        for f in dataclasses.fields(stage.config):  # retrain, finetune: training needs data
+            value = getattr(stage.config, f.name)
+            if isinstance(value, TrainConfig) and value.epochs > 0:
+                raise RecipeError(f"stages.{stage.name}.{f.name}.epochs",
+                                  f"{value.epochs} epochs of training needs a dataset; set it to 0 or add [data]")
 
 
 def build_stages(table: Any) -> tuple[Stage, ...]:
@@ -145,6 +155,9 @@ def build_stages(table: Any) -> tuple[Stage, ...]:
     for before, after in (("prune", "quantize"), ("quantize", "encode"), ("prune", "encode")):
         if before in order and after in order and order.index(before) > order.index(after):
             raise RecipeError(f"stages.{before}", f"must come before stages.{after}")
+    if "encode" in order and "quantize" not in order:
+        raise RecipeError("stages.encode", "needs a [stages.quantize] before it (method kmeans, linear or adaround): "
+                                           "it encodes the quantized weights")
     return tuple(stages)
 
 

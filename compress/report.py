@@ -19,19 +19,35 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress import failpoints, rundir
+from compress.errors import OutputError
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
+    """Write to a temporary file beside ``path`` and rename it into place.
+
+    Readers see the old file or the whole new one, never a part; a process killed
+    mid-write leaves a hidden ``.<name>.*.tmp`` that the next run removes.
+
+    Raises:
+        OutputError: the write failed (disk full, quota, read-only); ``path`` is untouched.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, rundir.file_mode())  # mkstemp's 0600 would make the run's files private
+        failpoints.hit(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
-        with_suppressed(os.unlink, tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with_suppressed(os.unlink, tmp)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -1,6 +1,7 @@
 """python -m compress.run RECIPE.toml [--out DIR] [--check] [--resume] [--set key.path=value ...]
 
-Exit codes: 0 success, 2 recipe or input error (one line on stderr), 1 runtime failure, 130 interrupted.
+Exit codes: 0 success, 2 recipe or input error (one line on stderr), 1 runtime failure (a full disk: the
+previous artifacts stay intact), 130 interrupted by Ctrl-C, 143 by SIGTERM. One run at a time per run folder.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return cli.guarded(lambda: cli.run_recipe(args.recipe, args.out, args.check, args.resume, args.overrides))
+    return cli.guarded(lambda: cli.run_recipe(args.recipe, args.out, args.check, args.resume, args.overrides),
+                       interrupted="interrupted: finished stages are kept; run again with --resume to continue")
 
 
 if __name__ == "__main__":

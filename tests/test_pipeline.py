@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress import decode, modelfile, run as run_cli
+from compress import decode, run as run_cli
 from compress.models import MLP
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "quickstart.toml"

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 from compress.errors import RecipeError
 from compress.stages import State
 from compress.stages.prune import PruneConfig, Scope, largest_masks, magnitude_mask, run, round_targets
-from compress.train import TrainConfig, Optimizer
+from compress.train import TrainConfig
 
 from tests.stage_helpers import TinyNet, tiny_context, tiny_data
 

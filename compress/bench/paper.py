@@ -27,7 +27,7 @@ from pathlib import Path
 
 from torch import nn
 
-from compress import bench, data as data_mod, modelfile, pipeline, train
+from compress import distributed, bench, data as data_mod, modelfile, pipeline, train
 from compress.bench import Result, Size, _recipes
 from compress.codec import container
 from compress.models import numel
@@ -82,7 +82,7 @@ def measure(model: str, recipe, run_dir: Path, report: dict, out: Path) -> dict:
     if modelfile.differing(decoded, modelfile.decode(fixed_path), list(decoded)):
         raise RuntimeError(f"{fixed_path} does not decode to the tensors of {huffman_path}")
     modelfile.load_into(fresh, fixed_path)
-    fixed_accuracy = train.evaluate(fresh, datasets, device=pipeline.pick_device(recipe.run.device))
+    fixed_accuracy = train.evaluate(fresh, datasets, device=distributed.pick_device(recipe.run.device))
     layers = [layer(huff.info(n), fixed.info(n), PAPER[model]["kept"].get(n)) for n in huff.names
               if huff.info(n).encoding != "raw"]
     raw = [huff.info(n) for n in huff.names if huff.info(n).encoding == "raw"]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress import bench, data as data_mod, modelfile, pipeline, report, train
+from compress import distributed, bench, data as data_mod, modelfile, pipeline, report, train
 from compress.bench import Result, Size, _recipes
 from compress.codec import container
 from compress.errors import FormatError, InputError
@@ -116,7 +116,7 @@ def run_sweep(model_name: str, size: Size, sweep: Sweep, out: Path) -> dict:
     model = pipeline.build_model(recipe, datasets)
     run_dir = _recipes.run_dir(recipe, size, out.parent)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(data=datasets, device=pipeline.pick_device(recipe.run.device), seed=recipe.run.seed,
+    ctx = Context(data=datasets, device=distributed.pick_device(recipe.run.device), seed=recipe.run.seed,
                   run_dir=run_dir, log=log, pretrain=recipe.pretrain, recipe=recipe)
     baseline = pipeline.pretrain(model, recipe, ctx)
     ctx.run_dir = out  # nothing of the sweep goes into the recipe's run folder

@@ -44,6 +44,10 @@ DTYPE_IDS = {name: i for i, (name, _) in DTYPES.items()}
 MAX_NAME = 1024  # bytes of UTF-8
 MAX_NDIM = 8
 MAX_NUMEL = 1 << 32  # elements of one tensor (16 GiB dense float32): far beyond these models, far below overflow
+# What a file may make the reader allocate unless the caller allows more (section 5 of docs/FORMAT.md): the
+# format lets one escape bit skip 65,535 zeros, so a tiny file can describe a huge, nearly empty tensor.
+MIN_ELEMENT_BUDGET = 1 << 24  # any file may decode to this many elements (64 MiB of float32)
+ELEMENTS_PER_BYTE = 1 << 12  # and to this many per byte of file; real Deep Compression files have ~10
 MAX_TABLE = 1 << 16  # codebook entries / affine levels: codes fit in 16 bits
 MAX_ZERO_POINT = 1 << 24  # |zero point|: code - zero_point stays exact in int32 and float32
 MAX_META = 1 << 16  # bytes of metadata JSON
@@ -302,9 +306,9 @@ def _umask() -> int:
 
 def _check_shape(name: str, shape: tuple[int, ...]) -> None:
     shape = tuple(int(d) for d in shape)
-    if len(shape) > MAX_NDIM or any(d < 0 for d in shape) or math.prod(shape) > MAX_NUMEL:
+    if len(shape) > MAX_NDIM or any(not 0 <= d <= MAX_NUMEL for d in shape) or math.prod(shape) > MAX_NUMEL:
         raise ValueError(f"{name}: shape {shape} is past the format's limits "
-                         f"(at most {MAX_NDIM} dims, {MAX_NUMEL} elements)")
+                         f"(at most {MAX_NDIM} dims, {MAX_NUMEL} elements, each dim at most {MAX_NUMEL})")
 
 
 def _entry_head(name: bytes, encoding: int, shape: tuple[int, ...], crc: int) -> bytes:
@@ -433,22 +437,38 @@ class _Entry:
     gap_lengths: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Field:
+    """Where the reader found one field (or group of fields) of the table: for tools such as the fuzzer.
+
+    ``fmt`` is the ``struct`` format of the values (``"QQQ"``), a numpy dtype for arrays
+    (``"<f4"``), or ``"bytes"``.
+    """
+
+    name: str
+    offset: int
+    size: int
+    fmt: str
+
+
 class _Cursor:
     """Bounds-checked little-endian reads over ``data[pos:end]``; errors name the field and the offset."""
 
-    def __init__(self, data: memoryview, pos: int, end: int):
-        self.data, self.pos, self.end = data, pos, end
+    def __init__(self, data: memoryview, pos: int, end: int, trace: list[Field] | None = None):
+        self.data, self.pos, self.end, self.trace = data, pos, end, trace
 
-    def take(self, n: int, field: str) -> memoryview:
+    def take(self, n: int, field: str, fmt: str = "bytes") -> memoryview:
         if n > self.end - self.pos:
             raise FormatError(field, self.pos, f"needs {n} bytes, {self.end - self.pos} remain in the table")
+        if self.trace is not None:
+            self.trace.append(Field(field, self.pos, n, fmt))
         view = self.data[self.pos:self.pos + n]
         self.pos += n
         return view
 
     def unpack(self, fmt: str, field: str) -> tuple:
         s = struct.Struct("<" + fmt)
-        return s.unpack(self.take(s.size, field))
+        return s.unpack(self.take(s.size, field, fmt))
 
     def one(self, fmt: str, field: str) -> int:
         return self.unpack(fmt, field)[0]
@@ -457,23 +477,40 @@ class _Cursor:
         item = np.dtype(dtype).itemsize
         if count > (self.end - self.pos) // item:  # before allocating
             raise FormatError(field, self.pos, f"{count} values do not fit in the {self.end - self.pos} bytes left")
-        return np.frombuffer(self.take(count * item, field), dtype=dtype).copy()
+        return np.frombuffer(self.take(count * item, field, dtype), dtype=dtype).copy()
+
+
+def element_budget(file_size: int) -> int:
+    """How many elements the tensors of a file of ``file_size`` bytes may add up to, by default.
+
+    ``max(2**24, 4096 * file_size)``: decoding such a file allocates at most 16 KiB of
+    float32 per byte of file (64 MiB for any small file), whatever the file declares.
+    """
+    return max(MIN_ELEMENT_BUDGET, ELEMENTS_PER_BYTE * int(file_size))
 
 
 class Reader:
-    """A ``.dcz`` file, opened and checked: header, footer, table CRC and every table entry.
+    """A ``.dcz`` file, opened and checked: header, footer, every checksum and every table entry.
 
-    Tensors are decoded on demand; each tensor's payload CRC is checked before it is.
+    Opening checks everything that can be checked without decoding (the table CRC and
+    every payload CRC included) and the memory the file would make a decoder allocate;
+    tensors are then decoded on demand.
 
     Args:
         source: a path, or the file's bytes.
+        allow_elements: the file's tensors may add up to (dense, all together)
+            ``max(element_budget(file size), allow_elements)`` elements. A caller that knows
+            what to expect raises it: loading into a model allows the model's own size.
+        trace: a list that receives a ``Field`` for every table field read, in order.
 
     Raises:
-        FormatError: the file cannot be read, or is not a well-formed ``.dcz`` file of a
-            known version. The reader raises nothing else on any input.
+        FormatError: the file cannot be read, is not a well-formed ``.dcz`` file of a known
+            version, or declares more elements than allowed. The reader raises
+            nothing else on any input.
     """
 
-    def __init__(self, source: str | os.PathLike | bytes | bytearray | memoryview):
+    def __init__(self, source: str | os.PathLike | bytes | bytearray | memoryview, *,
+                 allow_elements: int = 0, trace: list[Field] | None = None):
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
         else:
@@ -483,9 +520,14 @@ class Reader:
                 raise FormatError("file", None, f"cannot read {os.fspath(source)}: {e.strerror}") from None
         self._data = memoryview(data)
         self.size = len(data)
+        self.max_elements = max(element_budget(self.size), int(allow_elements))
         self.metadata: dict[str, str] = {}
         self._entries: dict[str, _Entry] = {}
+        self._trace = trace
+        self._elements = 0  # declared so far, against max_elements
         self._parse()
+        for entry in self._entries.values():  # checksums before anything is decoded
+            self._check_crc(entry)
 
     @property
     def names(self) -> list[str]:
@@ -519,7 +561,6 @@ class Reader:
             f = self._field(name)
             if i.encoding == "raw":
                 raise FormatError(f, i.offset, "is stored raw: it has no record")
-            self._check_crc(e)
             streams[name] = []
             for field, s, coder, lengths, count, width in (
                     ("code_stream", i.streams[0], i.code_coder, e.code_lengths, i.n_kept, i.code_bits),
@@ -581,7 +622,6 @@ class Reader:
     def _raw(self, name: str) -> np.ndarray:
         e = self._entries[name]
         i = e.info
-        self._check_crc(e)
         s = i.streams[0]
         out = np.frombuffer(self._data[s.offset:s.offset + s.nbytes], dtype=DTYPES[DTYPE_IDS[i.dtype]][1])
         if out.dtype.kind == "f":
@@ -617,7 +657,7 @@ class Reader:
             raise FormatError("footer.table_crc", footer_at + 16, "table checksum mismatch: the file is damaged")
         self._payload_end = table_at
         self._next_stream = HEADER.size  # streams tile the payload, in table order
-        cur = _Cursor(data, table_at, footer_at)
+        cur = _Cursor(data, table_at, footer_at, self._trace)
         count = cur.one("I", "table.tensor_count")
         self.metadata = self._metadata(cur)
         if count > (footer_at - cur.pos) // MIN_ENTRY:
@@ -678,8 +718,14 @@ class Reader:
         numel = 1
         for d in shape:  # Python ints: no overflow; a zero dimension makes 0 whatever follows
             numel *= d
-        if numel > MAX_NUMEL:
-            raise FormatError(f"{f}.shape", shape_at, f"{shape} has more than {MAX_NUMEL} elements")
+        if numel > MAX_NUMEL or any(d > MAX_NUMEL for d in shape):  # (0, 2**64-1): no elements, still no array
+            raise FormatError(f"{f}.shape", shape_at, f"{shape} has more than {MAX_NUMEL} elements, or a dimension "
+                              f"past {MAX_NUMEL}")
+        self._elements += numel
+        if self._elements > self.max_elements:
+            raise FormatError(f"{f}.shape", shape_at, f"{shape} brings the file to {self._elements} elements, more "
+                              f"than the {self.max_elements} allowed for {self.size} bytes (a decompression bomb?); "
+                              "if it is expected, allow it (allow_elements=, or decode --allow-elements)")
         crc = cur.one("I", f"{f}.payload_crc")
         if encoding == RAW:
             return self._raw_entry(cur, i, f, at, name, shape, numel, crc)
@@ -825,10 +871,13 @@ class Reader:
         return bits
 
 
-def read(source: str | os.PathLike | bytes) -> dict[str, np.ndarray]:
+def read(source: str | os.PathLike | bytes, *, allow_elements: int = 0) -> dict[str, np.ndarray]:
     """Every tensor of a ``.dcz`` file, decoded (see ``Reader.array``).
+
+    Args:
+        allow_elements: as for ``Reader``.
 
     Raises:
         FormatError: the file is damaged, hostile or not a ``.dcz`` file.
     """
-    return Reader(source).arrays()
+    return Reader(source, allow_elements=allow_elements).arrays()

@@ -89,7 +89,7 @@ def write(path: Path, model: nn.Module, state: State, cfg: EncodeConfig, widths:
     result = {"file": cfg.file, "file_bytes": size, "coder": cfg.coder.value, "tensors": stats}
     if cfg.compare:
         other = Coder.NONE if cfg.coder is Coder.HUFFMAN else Coder.HUFFMAN
-        fd, tmp = tempfile.mkstemp(suffix=".dcz", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".compare.", suffix=".dcz.tmp", dir=path.parent)  # hidden: cleaned if killed
         os.close(fd)
         try:
             _, other_size = modelfile.save(tmp, model_state, state.records, coder=other.value, gap_bits=widths,

@@ -1,6 +1,5 @@
 """Pipeline cost at the tiny size: a fresh process per recipe, per-stage seconds and peak memory."""
 import json
-from pathlib import Path
 
 import pytest
 

@@ -311,18 +311,28 @@ def test_bad_file_table_crc_mismatch():
     assert err.offset == FOOTER + 16
 
 
-def test_bad_file_payload_crc_mismatch():
+def test_bad_file_payload_crc_mismatch_is_refused_when_opened_before_any_decoding(monkeypatch):
     data = bytearray(EXAMPLE)
-    data[12] ^= 0x80
-    reader = Reader(bytes(data))  # the table is intact: the file opens
+    data[12] ^= 0x80  # the table is intact, the payload is not
+    decoded = []
+    monkeypatch.setattr(container.huffman, "decode", lambda *a, **k: decoded.append(a))
     with pytest.raises(FormatError) as err:
-        reader.array("w")
+        Reader(bytes(data))
     assert err.value.field == "tensor[0] 'w'.payload_crc" and err.value.offset == 12
+    assert decoded == []
 
 
 def test_bad_file_dims_multiplying_past_2_63():
     err = expect(patched(EXAMPLE, DIMS, "QQ", 2 ** 40, 2 ** 40), "tensor[0] 'w'.shape")
     assert err.offset == DIMS
+
+
+def test_bad_file_empty_tensor_with_a_dimension_no_array_can_have():
+    # found by `python -m compress.fuzz --cases 100000` (case 50808): zero elements, but numpy cannot make the array
+    err = expect(patched(EXAMPLE, DIMS, "QQ", 0, 2 ** 64 - 1), "tensor[0] 'w'.shape")
+    assert err.offset == DIMS
+    with pytest.raises(ValueError, match="each dim at most"):  # the writer refuses the same shapes
+        container._check_shape("w", (0, 2 ** 40))
 
 
 def test_bad_file_count_of_2_60_symbols():
@@ -371,6 +381,18 @@ def test_bad_file_padding_bits_not_zero():
     data[CRC:CRC + 4] = struct.pack("<I", zlib.crc32(bytes(data[12:14])))
     data = patched(bytes(data), 0, "8s", container.MAGIC)  # recompute the table CRC
     expect(data, "tensor[0] 'w'.code_stream", decode="w")
+
+
+def test_bad_file_decompression_bomb_is_refused_when_opened_unless_allowed(tmp_path):
+    # well formed: 2**26 zeros around one weight, in 9 KB (the gap escapes cost a bit each)
+    path = tmp_path / "bomb.dcz"
+    write(path, {"w": TensorRecord((1 << 26,), [5], [0], Codebook([1.0]))}, gap_bits=10)
+    size = path.stat().st_size
+    assert size < 16_000 and container.element_budget(size) < 1 << 26
+    err = expect(path.read_bytes(), "tensor[0] 'w'.shape")
+    assert "more than the" in str(err) and "allow" in str(err)
+    reader = Reader(path, allow_elements=1 << 26)  # a caller that expects a tensor this big
+    assert reader.info("w").shape == (1 << 26,) and reader.record("w").positions.tolist() == [5]
 
 
 def test_bad_file_read_of_a_missing_path(tmp_path):
