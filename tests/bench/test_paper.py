@@ -9,17 +9,12 @@ import compress
 from compress import bench, data as data_mod, pipeline, train
 from compress.bench import _recipes, paper
 from compress.codec import container
+from tests.bench.helpers import run_tiny
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out, result = bench.run("paper", bench.Size.TINY, tmp_path_factory.mktemp("bench") / "paper")
-    finally:
-        torch.set_num_threads(threads)
-    return out, result
+    return run_tiny("paper", tmp_path_factory)
 
 
 def test_paper_figures_for_both_lenets_with_ratios_from_file_sizes(done):

@@ -7,18 +7,13 @@ import torch
 from compress import bench, modelfile
 from compress.bench import tradeoff
 from compress.codec import container
+from tests.bench.helpers import run_tiny
 from compress.models import MLP
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out, result = bench.run("tradeoff", bench.Size.TINY, tmp_path_factory.mktemp("bench") / "tradeoff")
-    finally:
-        torch.set_num_threads(threads)
-    return out, result
+    return run_tiny("tradeoff", tmp_path_factory)
 
 
 def test_tradeoff_every_point_is_a_file_whose_size_gives_its_ratio(done):
