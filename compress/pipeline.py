@@ -271,6 +271,9 @@ def load_stage(path: Path, fingerprint: str, model: nn.Module, state: State) -> 
         return None
     if not isinstance(obj, dict) or obj.get("fingerprint") != fingerprint:
         return None
+    file = Path(obj["file"]) if obj["file"] else None
+    if file is not None and not file.exists():  # the model file it wrote is gone: redo the stage, model untouched
+        return None
     if obj.get("folded_bn") and not state.folded_bn:
         from compress.fold import fold_batchnorm
 
@@ -279,9 +282,7 @@ def load_stage(path: Path, fingerprint: str, model: nn.Module, state: State) -> 
     state.masks = dict(obj["masks"])
     state.records = {n: record_from_dict(d) for n, d in obj["records"].items()}
     state.folded_bn = bool(obj["folded_bn"])
-    state.file = Path(obj["file"]) if obj["file"] else None
-    if state.file is not None and not state.file.exists():
-        return None
+    state.file = file
     return json.loads(obj["entry"])
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress import decode, run as run_cli
+from compress import decode, pipeline, run as run_cli
 from compress.models import MLP
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "quickstart.toml"
@@ -112,3 +112,21 @@ def test_api_build_from_recipe_then_load_the_file(quickstart):
     model = compress.load(quickstart / "model.dcz", compress.build(RECIPE))
     for name, tensor in decode(quickstart / "model.dcz").items():
         assert torch.equal(model.state_dict()[name], tensor)
+
+
+def test_load_stage_whose_model_file_is_gone_returns_none_and_leaves_the_model_untouched(tmp_path):
+    from torch import nn
+
+    from compress.stages import State
+
+    saved = nn.Linear(3, 2)
+    state = State(masks={"weight": torch.ones(2, 3, dtype=torch.bool)}, file=tmp_path / "gone.dcz")
+    pipeline.save_stage(tmp_path / "03-encode.pt", "fp", saved, state, {"stage": "encode"})
+    model, fresh = nn.Linear(3, 2), State()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pipeline.load_stage(tmp_path / "03-encode.pt", "fp", model, fresh) is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert fresh.masks == {} and fresh.file is None
+    (tmp_path / "gone.dcz").write_bytes(b"x")  # with the file back, the same checkpoint loads
+    assert pipeline.load_stage(tmp_path / "03-encode.pt", "fp", model, fresh) == {"stage": "encode"}
+    assert torch.equal(model.weight, saved.weight) and fresh.file == tmp_path / "gone.dcz"
