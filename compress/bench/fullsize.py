@@ -130,7 +130,7 @@ def measure(arch: str, out_dir: str, threads: int) -> dict:
                   log=logging.getLogger("compress.bench"), recipe=r)
     for name, key in (("prune", "prune"), ("k-means", "quantize"), ("encode", "encode")):
         spec = stages[key]
-        meter.stage(name, lambda spec=spec: spec.spec.run(model, state, spec.config, ctx))
+        meter.stage(name, lambda spec=spec, model=model, state=state: spec.spec.run(model, state, spec.config, ctx))
     path = state.file
     digests = {k: digest(v) for k, v in model.state_dict().items()}
     kept = sum(r.positions.size for r in state.records.values())
