@@ -4,6 +4,10 @@ On Linux the kernel keeps the process's peak RSS (``VmHWM`` in ``/proc/self/stat
 writing ``5`` to ``/proc/self/clear_refs`` resets it to the current RSS, so ``mark()``
 then ``since(mark)`` gives the peak during that stretch alone. Where the reset is
 refused, the peak is the process's since it started, and the figures say so.
+
+A reset also wipes the process's own peak, which the kernel reports to the parent
+(``wait4``'s ``ru_maxrss``) from that same counter; ``process_peak_bytes()`` keeps it
+across resets.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import torch
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
+
+_highest_seen = 0  # the highest VmHWM read so far: a reset makes the kernel forget it
 
 
 @dataclass(frozen=True)
@@ -43,15 +49,30 @@ def since(start: Mark) -> dict:
         ``peak_rss_scope`` (``stage``, or ``process`` where the peak could not be reset),
         and ``peak_cuda_bytes`` (allocated by torch) when CUDA is in use.
     """
-    out = {"rss_start_bytes": start.rss_bytes, "peak_rss_bytes": status_bytes("VmHWM"),
+    out = {"rss_start_bytes": start.rss_bytes, "peak_rss_bytes": read_peak(),
            "peak_rss_scope": "stage" if start.scoped else "process"}
     if start.cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
         out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
     return out
 
 
+def process_peak_bytes() -> int | None:
+    """This process's peak RSS since it started, resets included; None off Linux."""
+    now = read_peak()
+    return None if now is None else max(now, _highest_seen)
+
+
+def read_peak() -> int | None:
+    """The kernel's peak RSS since the last reset (``VmHWM``), remembered for ``process_peak_bytes``."""
+    global _highest_seen
+    peak = status_bytes("VmHWM")
+    _highest_seen = max(_highest_seen, peak or 0)
+    return peak
+
+
 def reset_rss_peak() -> bool:
     """Reset the kernel's peak-RSS counter (Linux 4.0+); False where that is not possible."""
+    read_peak()
     try:
         CLEAR_REFS.write_text("5")
         return True

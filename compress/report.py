@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress import failpoints, rundir
+from compress import failpoints, memory, rundir
 from compress.errors import OutputError
 
 
@@ -93,6 +93,7 @@ def build(recipe, model: nn.Module, state, stages: list[dict], snapshot: dict, *
         "data": recipe.data.name.value if recipe.data else None,
         "model": recipe.model.name,
         "total_seconds": total_seconds,
+        "peak_rss_bytes": memory.process_peak_bytes(),  # the whole run so far, up to the report
         "baseline_accuracy": baseline,
         "stages": [{k: v for k, v in s.items() if k not in ("figures", "fingerprint")} for s in stages],
         "stage_figures": {s["stage"]: s.get("figures") for s in stages[1:]},
