@@ -257,5 +257,7 @@ def test_torchrun_failure_on_rank0_stops_the_run_with_one_line(tmp_path):
     assert len(ours) == 1 and "output folder" in ours[0] and str(blocker / "run") in ours[0]
     assert "[rank 1]" not in done.stderr and f'File "{ROOT / "compress"}' not in done.stderr
     # torchrun's own summary follows, with rank 0's exit code 2 (bad input). Rank 1 exits with 2 too
-    # (PeerError) unless torchrun has stopped it first, and either may be "first observed": both race.
-    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*\n\s*exitcode\s*: 2\b", done.stderr)
+    # (PeerError), and the ranks race: whichever exits first, torchrun SIGTERMs the other (-15) if it is
+    # still winding down, and either may be "first observed". Rank 0 has printed its line by then.
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*\n\s*exitcode\s*: (2|-15)\b", done.stderr)
+    assert re.search(r"exitcode\s*: 2\b", done.stderr)  # one rank at least ended on the bad input
