@@ -29,14 +29,13 @@ import gc
 import hashlib
 import logging
 import multiprocessing
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from compress import bench
+from compress import bench, memory
 
 MODELS = {bench.Size.TINY: ("squeezenet1_1",), bench.Size.FULL: ("resnet18", "vgg16", "mobilenet_v2")}
 SPARSITY = 0.9
@@ -54,14 +53,9 @@ def recipe_table(arch: str) -> dict:
 
 # --- memory --------------------------------------------------------------------------------------------
 
-def _status(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(match.group(1)) * 1024 if match else 0
-
-
 def rss() -> int:
     """Resident set size of this process, bytes."""
-    return _status("VmRSS")
+    return memory.status_bytes("VmRSS") or 0
 
 
 def release_free_memory() -> None:
@@ -76,18 +70,9 @@ def release_free_memory() -> None:
         pass
 
 
-def reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter to the current RSS; False where Linux does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak() -> int:
-    """Peak resident set size since the last ``reset_peak``, bytes."""
-    return _status("VmHWM")
+    """Peak resident set size since the last ``memory.reset_rss_peak``, bytes."""
+    return memory.read_peak() or 0
 
 
 class Meter:
@@ -101,7 +86,7 @@ class Meter:
 
     def stage(self, name: str, fn):
         release_free_memory()
-        self.exact &= reset_peak()
+        self.exact &= memory.reset_rss_peak()
         t0 = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - t0
