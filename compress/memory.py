@@ -58,8 +58,7 @@ def since(start: Mark) -> dict:
 
 def process_peak_bytes() -> int | None:
     """This process's peak RSS since it started, resets included; None off Linux."""
-    now = read_peak()
-    return None if now is None else max(now, _highest_seen)
+    return None if read_peak() is None else _highest_seen  # the read folds the current peak in
 
 
 def read_peak() -> int | None:
